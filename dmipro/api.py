@@ -1,0 +1,53 @@
+"""The Python entry points: validate, evaluate, optimize, submit."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from dmipro.evaluate import EvaluationResult, Evaluator
+from dmipro.executor_adapters import ExecutorAdapter, make_executor
+from dmipro.jobs import Job, JobStore, load_job, register_runtime
+
+__all__ = ["JobSource", "evaluate", "resolve_job"]
+
+JobSource = str | Path | dict[str, Any] | Job
+
+
+def resolve_job(source: JobSource) -> Job:
+    """A validated :class:`Job` from a path, a dict or a Job."""
+    return source if isinstance(source, Job) else load_job(source)
+
+
+def evaluate(source: JobSource, *, executor: str | ExecutorAdapter | None = None, split: str = "val",
+             concurrency: int | None = None) -> EvaluationResult:
+    """Evaluate the job's unoptimized program on its valset (or another split).
+
+    Without a valset the trainset is used. Remote executors get a job row so their
+    workers can load the job; in-process executors write nothing.
+    """
+    job = resolve_job(source)
+    spec = job.spec
+    if split == "val" and spec.valset is None:
+        split = "train"
+    owned = not isinstance(executor, ExecutorAdapter)
+    ex = executor if isinstance(executor, ExecutorAdapter) else make_executor(
+        executor or spec.executor.backend, concurrency or spec.executor.concurrency
+    )
+    try:
+        if ex.remote:
+            job_id = JobStore().create(name=spec.name, spec=job.to_json(), executor=ex.name).id
+        else:
+            job_id = f"{spec.name}-eval-{uuid.uuid4().hex[:8]}"
+        runtime = register_runtime(job_id, spec)
+        evaluator = Evaluator(job_id, ex, split=split, size=len(runtime.split(split)),
+                              chunk_size=spec.executor.chunk_size)
+        start = time.perf_counter()
+        result = evaluator()
+        result.wall_s = time.perf_counter() - start
+        return result
+    finally:
+        if owned:
+            ex.close()

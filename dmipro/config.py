@@ -1,0 +1,117 @@
+"""Settings: ``DMIPRO_*`` environment variables over an optional ``dmipro.yaml``.
+
+One :class:`Settings` object holds every knob; :func:`get_settings` builds it once per
+process (environment first, then the YAML file, then the defaults in
+:mod:`dmipro.defaults`). ``reload_settings()`` rebuilds it, for tests and for workers
+that change their environment.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dmipro import defaults
+from dmipro.errors import ConfigError
+
+__all__ = ["RegistrySettings", "Settings", "get_settings", "reload_settings"]
+
+
+class RegistrySettings(BaseModel):
+    """The ``registry:`` section of ``dmipro.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    auto_deploy: bool = False
+    """Deploy a newly registered version when it beats the deployed one by ``deploy_margin``."""
+    deploy_margin: float = 0.0
+    """Points (0-100 scale) a new version must gain over the deployed one to auto-deploy."""
+
+
+class Settings(BaseModel):
+    """Every process-wide setting, with its environment variable in the field description."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    home: Path = Field(default=Path(defaults.DEFAULT_HOME), description="DMIPRO_HOME")
+    database_url: str = Field(default="", description="DMIPRO_DATABASE_URL")
+    allowed_modules: tuple[str, ...] = Field(
+        default=defaults.DEFAULT_ALLOWED_MODULES, description="DMIPRO_ALLOWED_MODULES"
+    )
+    broker_url: str = Field(default=defaults.DEFAULT_BROKER_URL, description="DMIPRO_BROKER_URL")
+    result_backend: str = Field(default=defaults.DEFAULT_RESULT_BACKEND, description="DMIPRO_RESULT_BACKEND")
+    subscribers: tuple[str, ...] = Field(default=(), description="DMIPRO_SUBSCRIBERS")
+    capture_text: bool = Field(default=False, description="DMIPRO_CAPTURE_TEXT")
+    storage: str = Field(default="db", description="DMIPRO_STORAGE: 'db' or a directory path")
+    allow_sqlite_remote: bool = Field(default=False, description="DMIPRO_ALLOW_SQLITE_REMOTE")
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+
+    @field_validator("allowed_modules", "subscribers", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under ``home``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / defaults.DEFAULT_DATABASE_FILE).resolve()}"
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, config_file: Path | None = None) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``) over ``config_file``."""
+        env = os.environ if env is None else env
+        path = config_file or Path(env.get("DMIPRO_CONFIG", defaults.CONFIG_FILE))
+        values: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from exc
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+            values.update(loaded or {})
+        for name in cls.model_fields:
+            key = f"DMIPRO_{name.upper()}"
+            if key in env:
+                values[name] = env[key]
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"setting {where}: {err['msg']} (from {path} or DMIPRO_{where.upper()})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+_lock = threading.Lock()
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, built on first use."""
+    global _settings
+    with _lock:
+        if _settings is None:
+            _settings = Settings.load()
+        return _settings
+
+
+def reload_settings() -> Settings:
+    """Forget the cached settings and build them again from the environment."""
+    global _settings
+    with _lock:
+        _settings = None
+    return get_settings()

@@ -1,0 +1,33 @@
+"""Default values and key names, named once."""
+
+from __future__ import annotations
+
+DEFAULT_HOME = ".dmipro"
+"""Directory (relative to the current directory) for the embedded SQLite database and files."""
+
+DEFAULT_DATABASE_FILE = "dmipro.db"
+"""File name of the embedded SQLite database inside ``DEFAULT_HOME``."""
+
+DEFAULT_ALLOWED_MODULES = ("examples",)
+"""Module prefixes workers may import program and metric references from."""
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+"""Celery broker and RQ connection when ``DMIPRO_BROKER_URL`` is not set."""
+
+DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
+"""Celery result backend when ``DMIPRO_RESULT_BACKEND`` is not set."""
+
+DEFAULT_CONCURRENCY = 16
+"""Thread-pool size when a job does not name one."""
+
+DEFAULT_CHUNK_SIZE = 5
+"""Examples per ``evaluate_chunk`` task (small: LM calls are slow, tasks are cheap)."""
+
+COORDINATOR_QUEUE = "dmipro.coordinator"
+"""Queue the ``optimize`` coordinator task runs on."""
+
+WORK_QUEUE = "dmipro.work"
+"""Queue every work task (evaluate, bootstrap, propose) runs on."""
+
+CONFIG_FILE = "dmipro.yaml"
+"""Optional settings file looked up in the current directory."""

@@ -1,0 +1,186 @@
+"""Evaluate a program or a candidate on a dataset, fanned out over any executor.
+
+The examples are cut into chunks sized to fill the executor (at most ``chunk_size``
+examples each); each chunk is one ``evaluate_chunk`` task. Scores are a percentage,
+0-100, as DSPy's ``Evaluate`` reports them. With a score cache, examples already
+scored for the same candidate are not run again (MIPROv2's full evaluations reuse what
+its minibatches scored).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dmipro.errors import EvaluationError
+from dmipro.events import bus
+from dmipro.executor_adapters.base import ExecutorAdapter
+from dmipro.jobs.candidate import Candidate, fingerprint
+from dmipro.lm.usage import Usage
+
+__all__ = ["EvalRequest", "EvaluationResult", "Evaluator", "ExampleScore", "ScoreCache", "StoreScoreCache"]
+
+
+@dataclass(frozen=True)
+class ExampleScore:
+    """One example's score; ``error`` holds the exception text when the program or metric raised."""
+
+    id: int
+    score: float
+    error: str | None = None
+
+
+@dataclass
+class EvaluationResult:
+    """Scores of one candidate on some examples."""
+
+    score: float
+    results: list[ExampleScore]
+    usage: Usage = field(default_factory=Usage)
+    wall_s: float = 0.0
+    cached: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.results)
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for r in self.results if r.error is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "n": self.n,
+            "errors": self.errors,
+            "cached": self.cached,
+            "wall_s": round(self.wall_s, 3),
+            "usage": self.usage.summary(),
+        }
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """One candidate on some examples of a split (``example_ids`` None: the whole split)."""
+
+    candidate: Candidate | None = None
+    example_ids: Sequence[int] | None = None
+    trial: int | None = None
+
+
+class ScoreCache(Protocol):
+    """Per-example scores by candidate fingerprint."""
+
+    def get(self, fingerprint: str) -> dict[str, tuple[float, str | None]]: ...
+
+    def put(self, fingerprint: str, rows: list[tuple[str, float, str | None]]) -> None: ...
+
+
+class StoreScoreCache:
+    """A :class:`ScoreCache` in the job database, scoped to one job and split."""
+
+    def __init__(self, store: Any, job_id: str, split: str) -> None:
+        self.store, self.job_id, self.split = store, job_id, split
+
+    def get(self, fingerprint: str) -> dict[str, tuple[float, str | None]]:
+        return self.store.cached_scores(self.job_id, f"{self.split}:{fingerprint}")
+
+    def put(self, fingerprint: str, rows: list[tuple[str, float, str | None]]) -> None:
+        self.store.put_scores(self.job_id, f"{self.split}:{fingerprint}", rows)
+
+
+class Evaluator:
+    """Scores candidates of one job on one split through an executor."""
+
+    def __init__(
+        self,
+        job_id: str,
+        executor: ExecutorAdapter,
+        *,
+        split: str = "val",
+        size: int,
+        failure_score: float = 0.0,
+        max_errors: int | None = None,
+        chunk_size: int = 5,
+        cache: ScoreCache | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.executor = executor
+        self.split = split
+        self.size = size
+        self.failure_score = failure_score
+        self.max_errors = max_errors
+        self.chunk_size = chunk_size
+        self.cache = cache
+
+    def __call__(self, candidate: Candidate | None = None, example_ids: Sequence[int] | None = None,
+                 *, trial: int | None = None) -> EvaluationResult:
+        return self.evaluate_many([EvalRequest(candidate, example_ids, trial)])[0]
+
+    def evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
+        """Evaluate several candidates at once, sharing the executor's capacity."""
+        start = time.perf_counter()
+        plans = []
+        for req in requests:
+            ids = list(range(self.size)) if req.example_ids is None else list(req.example_ids)
+            fp = fingerprint(req.candidate)
+            known = self.cache.get(fp) if self.cache else {}
+            scores: dict[int, ExampleScore] = {}
+            for i in ids:
+                hit = known.get(str(i))
+                if hit is not None:
+                    scores[i] = ExampleScore(i, hit[0], hit[1])
+            plans.append((req, ids, fp, scores, len(scores)))
+            bus.emit("dspy.evaluation.start", job_id=self.job_id, trial=req.trial, split=self.split,
+                     candidate=fp, n=len(ids), cached=len(scores))
+
+        todo = [(k, [i for i in ids if i not in scores]) for k, (_, ids, _, scores, _) in enumerate(plans)]
+        total = sum(len(ids) for _, ids in todo)
+        chunk = max(1, min(self.chunk_size, math.ceil(total / max(1, self.executor.capacity))))
+        payloads, owners = [], []
+        for k, ids in todo:
+            req = plans[k][0]
+            for lo in range(0, len(ids), chunk):
+                payloads.append({
+                    "job": self.job_id,
+                    "split": self.split,
+                    "candidate": req.candidate,
+                    "example_ids": ids[lo:lo + chunk],
+                    "failure_score": self.failure_score,
+                    "trial": req.trial,
+                })
+                owners.append(k)
+
+        usages = [Usage() for _ in plans]
+        errors = 0
+        for index, result in self.executor.map("evaluate_chunk", payloads):
+            k = owners[index]
+            usages[k].add(Usage.from_json(result["usage"]))
+            fresh = []
+            for row in result["results"]:
+                item = ExampleScore(int(row["id"]), float(row["score"]), row.get("error"))
+                plans[k][3][item.id] = item
+                errors += item.error is not None
+                if item.error is None:
+                    fresh.append((str(item.id), item.score, None))
+            if self.cache is not None and fresh:
+                self.cache.put(plans[k][2], fresh)
+            if self.max_errors is not None and errors >= self.max_errors:
+                raise EvaluationError(
+                    f"evaluation stopped after {errors} failed examples (max_errors={self.max_errors}); "
+                    f"last error: {next((r.error for r in reversed(plans[k][3].values()) if r.error), '')}"
+                )
+
+        wall = time.perf_counter() - start
+        out = []
+        for k, (req, ids, fp, scores, cached) in enumerate(plans):
+            ordered = [scores[i] for i in ids]
+            score = round(100.0 * sum(r.score for r in ordered) / len(ordered), 2) if ordered else 0.0
+            res = EvaluationResult(score, ordered, usages[k], wall, cached)
+            bus.emit("dspy.evaluation.batch_complete", job_id=self.job_id, trial=req.trial, split=self.split,
+                     candidate=fp, **res.to_json())
+            out.append(res)
+        return out

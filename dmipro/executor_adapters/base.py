@@ -1,0 +1,92 @@
+"""The executor plug point: where tasks run.
+
+MIPROv2's code never knows where its tasks run; it hands a task name and a JSON
+payload to an :class:`ExecutorAdapter` and gets the JSON result back. The base class
+owns the loop (``submit`` checks and encodes, ``map`` fans out and collects in
+completion order); an adapter overrides one hook, ``_ship``, that sends one task and
+returns a :class:`concurrent.futures.Future` of its result.
+
+Contract for adapters:
+- ``_ship`` must not block on the task; the future completes with the result dict or
+  fails with :class:`~dmipro.errors.TaskError`.
+- Adapters are used from one coordinating thread; ``_ship`` need not be re-entrant,
+  but futures may be completed from any thread.
+- ``remote`` adapters run tasks in other processes, perhaps other machines: payloads
+  must be self-contained and the job database must be reachable from there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from types import TracebackType
+from typing import Any, ClassVar
+
+from dmipro.errors import DecodeError, ExecutorError
+
+__all__ = ["ExecutorAdapter", "encode_payload"]
+
+
+def encode_payload(payload: dict[str, Any]) -> str:
+    """The payload as JSON text; anything that is not plain JSON is refused."""
+    try:
+        return json.dumps(payload, allow_nan=False, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"task payload is not JSON-serializable: {exc}") from exc
+
+
+class ExecutorAdapter:
+    """Runs named tasks on JSON payloads, somewhere; see the module docstring for the contract."""
+
+    name: ClassVar[str] = "base"
+    remote: ClassVar[bool] = False
+
+    def __init__(self, concurrency: int = 1) -> None:
+        if concurrency < 1:
+            raise ExecutorError(f"concurrency must be at least 1, got {concurrency}")
+        self.concurrency = concurrency
+
+    @property
+    def capacity(self) -> int:
+        """How many tasks can make progress at once."""
+        return self.concurrency
+
+    def submit(self, task: str, payload: dict[str, Any]) -> Future[dict[str, Any]]:
+        """Ship one task; the future resolves to its JSON result."""
+        from dmipro.tasks import get_task
+
+        get_task(task)  # an unknown name fails here, in the caller, not on a worker
+        return self._ship(task, encode_payload(payload))
+
+    def map(self, task: str, payloads: Iterable[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Run ``task`` on every payload; yield ``(index, result)`` as each one completes.
+
+        The first failed task raises its error; tasks not yet finished are cancelled
+        where the executor can cancel them.
+        """
+        pending = {self.submit(task, p): i for i, p in enumerate(payloads)}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    index = pending.pop(fut)
+                    yield index, fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def _ship(self, task: str, body: str) -> Future[dict[str, Any]]:
+        """Send one encoded task; return a future of its decoded result."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release threads and connections."""
+
+    def __enter__(self) -> ExecutorAdapter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,102 @@
+"""What a worker needs to run a job's tasks, loaded once per process and job.
+
+A :class:`JobRuntime` holds the job's program factory, metric, examples and LMs. The
+coordinator registers the runtime it built; a worker in another process that sees an
+unknown job id loads the spec from the job database and builds its own, importing the
+program and metric only through the allowlist.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from dmipro.jobs._load import build_program
+from dmipro.jobs.candidate import Candidate, apply_candidate, fingerprint
+from dmipro.jobs.spec import JobSpec
+from dmipro.refs import import_ref
+
+__all__ = ["JobRuntime", "forget_runtime", "get_runtime", "register_runtime"]
+
+SPLITS = {"train": "trainset", "val": "valset", "test": "testset"}
+_PROGRAM_CACHE_SIZE = 256
+
+
+class JobRuntime:
+    """A job's program, metric, examples and LMs, ready to run tasks. Thread-safe."""
+
+    def __init__(self, job_id: str, spec: JobSpec) -> None:
+        import dspy
+
+        from dmipro.lm import build_lm
+
+        self.job_id = job_id
+        self.spec = spec
+        self.metric = import_ref(spec.metric, field="metric")
+        self._base = build_program(spec.program)
+        self.examples: dict[str, list[Any]] = {}
+        for split, attr in SPLITS.items():
+            records = getattr(spec, attr)
+            if isinstance(records, list):
+                self.examples[split] = [dspy.Example(**r).with_inputs(*spec.input_keys) for r in records]
+        self.task_lm = build_lm(spec.lm)
+        self.prompt_lm = build_lm(spec.effective_prompt_lm)
+        self._lock = threading.Lock()
+        self._programs: OrderedDict[str, Any] = OrderedDict()
+
+    def fresh_program(self) -> Any:
+        """A new copy of the program as written (no optimization applied)."""
+        return self._base.deepcopy()
+
+    def program_for(self, candidate: Candidate | None) -> Any:
+        """The program with ``candidate`` applied; shared per candidate (do not mutate it)."""
+        key = fingerprint(candidate)
+        with self._lock:
+            program = self._programs.get(key)
+            if program is not None:
+                self._programs.move_to_end(key)
+                return program
+        program = apply_candidate(self.fresh_program(), candidate)
+        with self._lock:
+            self._programs[key] = program
+            while len(self._programs) > _PROGRAM_CACHE_SIZE:
+                self._programs.popitem(last=False)
+        return program
+
+    def split(self, name: str) -> list[Any]:
+        try:
+            return self.examples[name]
+        except KeyError:
+            raise KeyError(f"job {self.job_id} has no {name} split") from None
+
+
+_lock = threading.Lock()
+_runtimes: dict[str, JobRuntime] = {}
+
+
+def register_runtime(job_id: str, spec: JobSpec) -> JobRuntime:
+    """Build (or reuse) the runtime for ``job_id`` in this process."""
+    with _lock:
+        runtime = _runtimes.get(job_id)
+        if runtime is None:
+            runtime = _runtimes[job_id] = JobRuntime(job_id, spec)
+        return runtime
+
+
+def get_runtime(job_id: str) -> JobRuntime:
+    """The runtime for ``job_id``: this process's, or one built from the job database."""
+    with _lock:
+        runtime = _runtimes.get(job_id)
+    if runtime is not None:
+        return runtime
+    from dmipro.jobs.store import JobStore
+
+    spec = JobSpec.model_validate(JobStore().get(job_id).spec)
+    return register_runtime(job_id, spec)
+
+
+def forget_runtime(job_id: str) -> None:
+    """Drop a job's runtime from this process (when the job is finished)."""
+    with _lock:
+        _runtimes.pop(job_id, None)

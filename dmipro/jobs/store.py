@@ -1,0 +1,263 @@
+"""The job store: job rows, phase checkpoints and the per-example evaluation cache.
+
+Everything a coordinator needs to resume lives here, in the job database (SQLite by
+default, PostgreSQL across machines). Writes are short transactions; the coordinator
+is the only writer of a job's checkpoints and cache rows, so no row is contended.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dmipro.db import Base, get_engine
+from dmipro.errors import JobNotFoundError
+
+__all__ = ["JobRecord", "JobState", "JobStore", "new_job_id"]
+
+
+class JobState(str, Enum):
+    """Lifecycle of a job."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+jobs_table = sa.Table(
+    "dmipro_jobs",
+    Base.metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("phase", sa.String(40)),
+    sa.Column("executor", sa.String(20), nullable=False),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("progress", sa.JSON, nullable=False),
+    sa.Column("result", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+checkpoints_table = sa.Table(
+    "dmipro_checkpoints",
+    Base.metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("phase", sa.String(40), primary_key=True),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+eval_cache_table = sa.Table(
+    "dmipro_eval_cache",
+    Base.metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), primary_key=True),
+    sa.Column("example_id", sa.String(64), primary_key=True),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("error", sa.Text),
+)
+
+
+def new_job_id(name: str) -> str:
+    """A fresh job id: the job name and 12 random hex digits."""
+    return f"{name[:40]}-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job row."""
+
+    id: str
+    name: str
+    state: JobState
+    phase: str | None
+    executor: str
+    spec: dict[str, Any]
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+    def to_json(self, *, with_spec: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        if not with_spec:
+            data.pop("spec")
+        return data
+
+
+class JobStore:
+    """Jobs, checkpoints and cached scores in the job database at ``url`` (default: settings)."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.engine = get_engine(url)
+
+    # jobs -----------------------------------------------------------------
+    def create(self, *, name: str, spec: dict[str, Any], executor: str, job_id: str | None = None) -> JobRecord:
+        now = time.time()
+        row = {
+            "id": job_id or new_job_id(name),
+            "name": name,
+            "state": JobState.QUEUED.value,
+            "phase": None,
+            "executor": executor,
+            "spec": spec,
+            "progress": {},
+            "result": None,
+            "error": None,
+            "cancel_requested": False,
+            "attempts": 0,
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "updated_at": now,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(jobs_table.insert().values(**row))
+        return self.get(row["id"])
+
+    def find(self, job_id: str) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs_table).where(jobs_table.c.id == job_id)).mappings().first()
+        if row is None:
+            return None
+        data = dict(row)
+        data["state"] = JobState(data["state"])
+        return JobRecord(**data)
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.find(job_id)
+        if record is None:
+            raise JobNotFoundError(f"no job {job_id!r} in the job database")
+        return record
+
+    def list(self, limit: int = 50) -> list[JobRecord]:
+        with self.engine.connect() as conn:
+            ids = conn.execute(
+                sa.select(jobs_table.c.id).order_by(jobs_table.c.created_at.desc()).limit(limit)
+            ).scalars().all()
+        return [self.get(i) for i in ids]
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        fields = {k: (v.value if isinstance(v, JobState) else v) for k, v in fields.items()}
+        fields["updated_at"] = time.time()
+        with self.engine.begin() as conn:
+            result = conn.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(**fields))
+        if result.rowcount == 0:
+            raise JobNotFoundError(f"no job {job_id!r} in the job database")
+
+    def start(self, job_id: str, executor: str) -> JobRecord:
+        """Mark a job running (again): one more attempt; the first start time is kept."""
+        record = self.get(job_id)
+        self.update(
+            job_id,
+            state=JobState.RUNNING,
+            executor=executor,
+            attempts=record.attempts + 1,
+            started_at=record.started_at or time.time(),
+            finished_at=None,
+            error=None,
+        )
+        return self.get(job_id)
+
+    def set_progress(self, job_id: str, phase: str | None = None, **progress: Any) -> None:
+        """Merge ``progress`` into the job's progress dict (and set the phase)."""
+        record = self.get(job_id)
+        merged = {**record.progress, **progress}
+        fields: dict[str, Any] = {"progress": merged}
+        if phase is not None:
+            fields["phase"] = phase
+        self.update(job_id, **fields)
+
+    def finish(self, job_id: str, state: JobState, *, result: dict[str, Any] | None = None,
+               error: str | None = None) -> None:
+        self.update(job_id, state=state, result=result, error=error, finished_at=time.time())
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        record = self.get(job_id)
+        if not record.state.finished:
+            self.update(job_id, cancel_requested=True)
+            if record.state is JobState.QUEUED:
+                self.finish(job_id, JobState.CANCELLED, error="cancelled before it started")
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(jobs_table.c.cancel_requested).where(jobs_table.c.id == job_id)
+            ).scalar()
+        return bool(value)
+
+    # checkpoints ------------------------------------------------------------
+    def save_checkpoint(self, job_id: str, phase: str, data: dict[str, Any]) -> None:
+        """Store (or replace) the output of a finished phase."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                checkpoints_table.delete().where(
+                    (checkpoints_table.c.job_id == job_id) & (checkpoints_table.c.phase == phase)
+                )
+            )
+            conn.execute(checkpoints_table.insert().values(job_id=job_id, phase=phase, data=data,
+                                                           created_at=time.time()))
+
+    def load_checkpoint(self, job_id: str, phase: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            data = conn.execute(
+                sa.select(checkpoints_table.c.data).where(
+                    (checkpoints_table.c.job_id == job_id) & (checkpoints_table.c.phase == phase)
+                )
+            ).scalar()
+        return dict(data) if data is not None else None
+
+    # evaluation cache ---------------------------------------------------------
+    def cached_scores(self, job_id: str, fingerprint: str) -> dict[str, tuple[float, str | None]]:
+        """Every cached ``example_id -> (score, error)`` for one candidate."""
+        t = eval_cache_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.example_id, t.c.score, t.c.error).where(
+                    (t.c.job_id == job_id) & (t.c.fingerprint == fingerprint)
+                )
+            ).all()
+        return {r.example_id: (r.score, r.error) for r in rows}
+
+    def put_scores(self, job_id: str, fingerprint: str,
+                   rows: Iterable[tuple[str, float, str | None]]) -> None:
+        """Cache per-example scores; a row already present is left as it is (idempotent)."""
+        values = [
+            {"job_id": job_id, "fingerprint": fingerprint, "example_id": eid, "score": score, "error": error}
+            for eid, score, error in rows
+        ]
+        if not values:
+            return
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            stmt: Any = postgresql.insert(eval_cache_table).values(values).on_conflict_do_nothing()
+        elif dialect == "sqlite":
+            stmt = sqlite.insert(eval_cache_table).values(values).on_conflict_do_nothing()
+        else:
+            stmt = eval_cache_table.insert().values(values)
+        with self.engine.begin() as conn:
+            conn.execute(stmt)

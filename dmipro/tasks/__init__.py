@@ -1,0 +1,11 @@
+"""Task bodies: JSON payload in, JSON result out; pure and idempotent, so redelivery is safe.
+
+Importing this package registers every task; executors look tasks up by name.
+"""
+
+from __future__ import annotations
+
+from dmipro.tasks import evaluate as _evaluate  # noqa: F401  (registers evaluate_chunk)
+from dmipro.tasks._registry import execute, get_task, task, task_names
+
+__all__ = ["execute", "get_task", "task", "task_names"]

@@ -1,0 +1,65 @@
+"""Task registry: name → function taking a JSON payload and returning a JSON result."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from dmipro.errors import DecodeError, DmiproError, TaskError
+
+TaskFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+_TASKS: dict[str, TaskFn] = {}
+
+
+def task(name: str) -> Callable[[TaskFn], TaskFn]:
+    """Register a task body under ``name``."""
+
+    def register(fn: TaskFn) -> TaskFn:
+        if name in _TASKS and _TASKS[name] is not fn:
+            raise ValueError(f"task {name!r} is already registered")
+        _TASKS[name] = fn
+        return fn
+
+    return register
+
+
+def get_task(name: str) -> TaskFn:
+    """The task body registered as ``name``."""
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise TaskError(f"unknown task {name!r}", task=name, error_type="KeyError") from None
+
+
+def task_names() -> tuple[str, ...]:
+    """Every registered task name."""
+    return tuple(sorted(_TASKS))
+
+
+def execute(name: str, body: str) -> dict[str, Any]:
+    """Decode ``body``, run task ``name`` on it, and return its result as plain JSON data.
+
+    dmipro's own errors pass through unchanged (a worker refusing a reference stays a
+    RefError); anything else becomes a :class:`TaskError` naming the original type.
+    """
+    fn = get_task(name)
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise DecodeError(f"task {name}: payload is not JSON ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise DecodeError(f"task {name}: payload must be a JSON object")
+    try:
+        result = fn(payload)
+    except DmiproError:
+        raise
+    except Exception as exc:
+        raise TaskError(f"task {name} failed: {type(exc).__name__}: {exc}", task=name,
+                        error_type=type(exc).__name__) from exc
+    try:
+        decoded: dict[str, Any] = json.loads(json.dumps(result, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"task {name}: result is not JSON-serializable ({exc})") from exc
+    return decoded
