@@ -25,13 +25,11 @@ def evaluate(source: JobSource, *, executor: str | ExecutorAdapter | None = None
              concurrency: int | None = None) -> EvaluationResult:
     """Evaluate the job's unoptimized program on its valset (or another split).
 
-    Without a valset the trainset is used. Remote executors get a job row so their
+    Without a valset, the last 80% of the trainset is the valset (DSPy's rule). Remote executors get a job row so their
     workers can load the job; in-process executors write nothing.
     """
     job = resolve_job(source)
     spec = job.spec
-    if split == "val" and spec.valset is None:
-        split = "train"
     owned = not isinstance(executor, ExecutorAdapter)
     ex = executor if isinstance(executor, ExecutorAdapter) else make_executor(
         executor or spec.executor.backend, concurrency or spec.executor.concurrency

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-__all__ = ["Candidate", "apply_candidate", "candidate_of", "fingerprint"]
+__all__ = ["Candidate", "apply_candidate", "candidate_of", "demo_dict", "fingerprint"]
 
 Candidate = dict[str, dict[str, Any]]
 
@@ -22,15 +22,28 @@ def fingerprint(candidate: Candidate | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _demo_dict(demo: Any) -> dict[str, Any]:
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "model_dump"):
+        return _jsonable(value.model_dump(mode="json"))
+    return str(value)
+
+
+def demo_dict(demo: Any) -> dict[str, Any]:
+    """A demo (``dspy.Example`` or dict) as plain JSON data."""
     data = demo.toDict() if hasattr(demo, "toDict") else dict(demo)
-    return {k: v for k, v in data.items() if not k.startswith("dspy_")}
+    return {str(k): _jsonable(v) for k, v in data.items() if not str(k).startswith("dspy_")}
 
 
 def candidate_of(program: Any) -> Candidate:
     """The instructions and demos ``program``'s predictors hold now."""
     return {
-        name: {"instruction": pred.signature.instructions, "demos": [_demo_dict(d) for d in pred.demos]}
+        name: {"instruction": pred.signature.instructions, "demos": [demo_dict(d) for d in pred.demos]}
         for name, pred in program.named_predictors()
     }
 

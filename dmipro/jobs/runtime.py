@@ -26,28 +26,42 @@ _PROGRAM_CACHE_SIZE = 256
 class JobRuntime:
     """A job's program, metric, examples and LMs, ready to run tasks. Thread-safe."""
 
-    def __init__(self, job_id: str, spec: JobSpec) -> None:
+    def __init__(self, job_id: str, spec: JobSpec, *, program: Any = None, metric: Any = None,
+                 task_lm: Any = None, prompt_lm: Any = None) -> None:
+        """Build from the spec's references, or from objects given in-process (``MIPROv2.compile``)."""
         import dspy
 
         from dmipro.lm import build_lm
 
         self.job_id = job_id
         self.spec = spec
-        self.metric = import_ref(spec.metric, field="metric")
-        self._base = build_program(spec.program)
+        self.in_process = program is not None or metric is not None
+        self.metric = metric if metric is not None else import_ref(spec.metric, field="metric")
+        self._base = program.deepcopy() if program is not None else build_program(spec.program)
         self.examples: dict[str, list[Any]] = {}
         for split, attr in SPLITS.items():
             records = getattr(spec, attr)
             if isinstance(records, list):
                 self.examples[split] = [dspy.Example(**r).with_inputs(*spec.input_keys) for r in records]
-        self.task_lm = build_lm(spec.lm)
-        self.prompt_lm = build_lm(spec.effective_prompt_lm)
+        if "val" not in self.examples:
+            from dmipro.teleprompt._plan import default_split
+
+            # DSPy's rule: without a valset, the last 80% of the trainset validates.
+            cut, _ = default_split(len(self.examples["train"]))
+            self.examples["train"], self.examples["val"] = self.examples["train"][:cut], self.examples["train"][cut:]
+        self.task_lm = task_lm if task_lm is not None else build_lm(spec.lm)
+        self.prompt_lm = prompt_lm if prompt_lm is not None else build_lm(spec.effective_prompt_lm)
         self._lock = threading.Lock()
         self._programs: OrderedDict[str, Any] = OrderedDict()
 
     def fresh_program(self) -> Any:
         """A new copy of the program as written (no optimization applied)."""
         return self._base.deepcopy()
+
+    def teacher_program(self) -> Any | None:
+        """The job's teacher program, if it names one (else BootstrapFewShot uses the student)."""
+        ref = self.spec.optimizer.teacher
+        return build_program(ref, field="optimizer.teacher") if ref else None
 
     def program_for(self, candidate: Candidate | None) -> Any:
         """The program with ``candidate`` applied; shared per candidate (do not mutate it)."""
@@ -75,12 +89,12 @@ _lock = threading.Lock()
 _runtimes: dict[str, JobRuntime] = {}
 
 
-def register_runtime(job_id: str, spec: JobSpec) -> JobRuntime:
-    """Build (or reuse) the runtime for ``job_id`` in this process."""
+def register_runtime(job_id: str, spec: JobSpec, **objects: Any) -> JobRuntime:
+    """Build (or reuse) the runtime for ``job_id`` in this process; ``objects`` as for JobRuntime."""
     with _lock:
         runtime = _runtimes.get(job_id)
-        if runtime is None:
-            runtime = _runtimes[job_id] = JobRuntime(job_id, spec)
+        if runtime is None or objects:
+            runtime = _runtimes[job_id] = JobRuntime(job_id, spec, **objects)
         return runtime
 
 

@@ -69,6 +69,8 @@ class OptimizerConfig(BaseModel):
     max_bootstrapped_demos: int = Field(default=4, ge=0)
     max_labeled_demos: int = Field(default=4, ge=0)
     max_rounds: int = Field(default=1, ge=1)
+    teacher: str | None = None
+    """A ``module:attr`` reference to a teacher program for bootstrapping (default: the student)."""
     metric_threshold: float | None = None
     max_errors: int | None = Field(default=None, ge=1)
     minibatch: bool = True

@@ -23,18 +23,18 @@ __all__ = ["ModelUsage", "Usage", "UsageMeter", "metered", "price_per_token"]
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-_SIM_PRICE_MODEL = "gpt-4o-mini"
+SIM_PRICE = (1.5e-07, 6e-07)
+"""USD per input/output token charged for ``sim/*`` models: litellm's gpt-4o-mini rates."""
 
 
 @cache
 def price_per_token(model: str) -> tuple[float, float] | None:
     """(input, output) USD per token for ``model`` from litellm's offline map, or None."""
-    import dspy  # noqa: F401  (dspy imports litellm lazily; the env var above keeps it offline)
-    import litellm
+    if model.startswith("sim/") or model.startswith("openai/sim-"):
+        return SIM_PRICE
+    import litellm  # the env var above keeps its price map offline
 
-    name = _SIM_PRICE_MODEL if model.startswith("sim/") or model.startswith("openai/sim-") else model
-    candidates = [name, name.split("/", 1)[-1]]
-    for key in candidates:
+    for key in (model, model.split("/", 1)[-1]):
         entry = litellm.model_cost.get(key)
         if entry and "input_cost_per_token" in entry:
             return float(entry["input_cost_per_token"]), float(entry.get("output_cost_per_token", 0.0))

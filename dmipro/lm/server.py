@@ -1,0 +1,247 @@
+"""SimLM behind an OpenAI-compatible HTTP API (stdlib only).
+
+Endpoints:
+
+* ``POST /v1/chat/completions`` — model ``sim-math`` (or ``sim/math``) answers with the same
+  text the in-process :class:`~dmipro.lm._sim.SimEngine` gives for the same messages and
+  temperature. Injected failures answer 429 (with ``Retry-After`` and ``retry-after-ms``),
+  500 or 504. ``"stream": true`` is answered as server-sent events.
+* ``GET /v1/models`` — the simulated models.
+
+Point any OpenAI client at it, e.g.
+``dspy.LM("openai/sim-math", api_base="http://127.0.0.1:8000/v1", api_key="x")``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from dspy.lm15 import RateLimitError, ServerError
+from dspy.lm15 import TimeoutError as LMTimeoutError
+
+from dmipro.errors import ConfigError
+from dmipro.lm._sim import SIM_OPTIONS, TASKS, SimEngine
+
+__all__ = ["SimHTTPServer", "make_server", "run_server", "serve", "serve_in_thread"]
+
+_MODEL = re.compile(r"^(?:openai/)?sim[-/_](\w+)$")
+
+
+class SimHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server holding one :class:`SimEngine` per task.
+
+    Each request runs in its own daemon thread; engines are thread-safe and shared.
+    ``url`` is the base URL to give an OpenAI client (ends in ``/v1``).
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], options: dict[str, Any]) -> None:
+        unknown = set(options) - SIM_OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown simulator options: {', '.join(sorted(unknown))}")
+        self.options = {k: v for k, v in options.items() if k != "task"}
+        self.engines = {task: SimEngine(task, **self.options) for task in TASKS}
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the OpenAI-compatible API, e.g. ``http://127.0.0.1:8000/v1``."""
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}/v1"
+
+    def engine_for(self, model: str) -> SimEngine | None:
+        """The engine serving ``model`` (``sim-math``, ``sim/math``), or ``None``."""
+        match = _MODEL.match(model)
+        return self.engines.get(match.group(1)) if match else None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: SimHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without TCP_NODELAY, Nagle's algorithm
+        # and delayed ACKs add ~40 ms to every call on a kept-alive connection.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # One line per call on stderr would drown a benchmark; the server stays quiet.
+        return
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path in ("/v1/models", "/models"):
+            data = [{"id": f"sim-{task}", "object": "model", "created": 0, "owned_by": "dmipro"}
+                    for task in TASKS]
+            self._json(HTTPStatus.OK, {"object": "list", "data": data})
+        elif path in ("/health", "/v1/health"):
+            self._json(HTTPStatus.OK, {"status": "ok"})
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no route for GET {path}", "not_found")
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if path not in ("/v1/chat/completions", "/chat/completions"):
+            self._error(HTTPStatus.NOT_FOUND, f"no route for POST {path}", "not_found")
+            return
+        try:
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the request body must be a JSON object")
+            model = str(body.get("model", ""))
+            system, messages = _split_messages(body.get("messages"))
+            temperature = body.get("temperature")
+            if temperature is not None and not isinstance(temperature, (int, float)):
+                raise ValueError("temperature must be a number")
+            count = int(body.get("n") or 1)
+        except (ValueError, TypeError) as exc:
+            self._error(HTTPStatus.BAD_REQUEST, str(exc), "invalid_request_error")
+            return
+        engine = self.server.engine_for(model)
+        if engine is None:
+            self._error(HTTPStatus.NOT_FOUND, f"unknown model {model!r}; try sim-math", "model_not_found")
+            return
+        try:
+            replies = [engine.respond(system, messages, temperature=temperature)
+                       for _ in range(max(1, count))]
+        except RateLimitError as exc:
+            seconds = exc.retry_after if exc.retry_after is not None else 1.0
+            headers = {"Retry-After": _seconds(seconds), "retry-after-ms": str(int(seconds * 1000))}
+            self._error(HTTPStatus.TOO_MANY_REQUESTS, exc.message, "rate_limit_exceeded", headers)
+            return
+        except ServerError as exc:
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, exc.message, "server_error")
+            return
+        except LMTimeoutError as exc:
+            self._error(HTTPStatus.GATEWAY_TIMEOUT, exc.message, "timeout")
+            return
+        created = int(time.time())
+        completion_id = f"chatcmpl-sim-{uuid.uuid4().hex[:16]}"
+        usage = {
+            "prompt_tokens": replies[0].input_tokens,
+            "completion_tokens": sum(r.output_tokens for r in replies),
+            "total_tokens": replies[0].input_tokens + sum(r.output_tokens for r in replies),
+        }
+        if body.get("stream"):
+            self._stream(completion_id, created, model, replies[0].text, usage)
+            return
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": r.text},
+             "finish_reason": r.finish_reason, "logprobs": None}
+            for i, r in enumerate(replies)
+        ]
+        self._json(HTTPStatus.OK, {"id": completion_id, "object": "chat.completion", "created": created,
+                                   "model": model, "choices": choices, "usage": usage})
+
+    # --- responses -----------------------------------------------------------------------
+
+    def _json(self, status: HTTPStatus, payload: dict[str, Any],
+              headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: HTTPStatus, message: str, code: str,
+               headers: dict[str, str] | None = None) -> None:
+        error = {"message": message, "type": code, "code": code, "param": None}
+        self._json(status, {"error": error}, headers)
+
+    def _stream(self, completion_id: str, created: int, model: str, text: str, usage: dict[str, int]) -> None:
+        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        chunks = [
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                                  "finish_reason": None}]},
+            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage},
+        ]
+        data = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks).encode() + b"data: [DONE]\n\n"
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.3f}".rstrip("0")
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    raise ValueError("message content must be a string or a list of parts")
+
+
+def _split_messages(messages: Any) -> tuple[str, list[tuple[str, str]]]:
+    """OpenAI chat messages as the engine reads them: the system text and (role, text) turns."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError("each message must be an object with a role")
+        role, text = str(message["role"]), _text(message.get("content"))
+        if role in ("system", "developer") and not turns:
+            system.append(text)
+        else:
+            turns.append((role, text))
+    return "\n\n".join(system), turns
+
+
+def make_server(host: str = "127.0.0.1", port: int = 0, **options: Any) -> SimHTTPServer:
+    """A bound, not yet serving, simulator server (``port=0`` picks a free port).
+
+    ``options`` are :class:`~dmipro.lm._sim.SimEngine` options (seed, latency and failure
+    rates); call ``serve_forever()`` on the result, or use :func:`serve`.
+    """
+    return SimHTTPServer((host, port), options)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Serve the simulator until interrupted (blocks)."""
+    server = make_server(host, port, **options)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def run_server(host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Blocking entry point for ``dmipro sim serve``: serves until Ctrl-C, then closes cleanly."""
+    try:
+        serve(host, port, **options)
+    except KeyboardInterrupt:
+        pass
+
+
+def serve_in_thread(host: str = "127.0.0.1", port: int = 0, **options: Any) -> SimHTTPServer:
+    """Start a server on a daemon thread and return it (tests, benchmarks).
+
+    Stop it with ``server.shutdown(); server.server_close()``.
+    """
+    server = make_server(host, port, **options)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="sim-http",
+                     daemon=True).start()
+    return server

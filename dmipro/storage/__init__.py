@@ -1,0 +1,49 @@
+"""Program storage: an optimized program as DSPy's own JSON, plus metadata and history.
+
+A :class:`ProgramRecord` holds exactly what ``program.save("x.json")`` writes (so plain
+DSPy loads it) with the job, scores, LM, versions, dataset fingerprints and predictor
+signatures it came from, and the run's trial log. A :class:`ProgramStore` keeps records:
+:class:`DatabaseProgramStore` (the default) or :class:`DirectoryProgramStore`;
+:func:`get_store` returns the configured one. :func:`build_program` turns a record back
+into a ready ``dspy.Module``.
+"""
+
+from __future__ import annotations
+
+from dmipro.storage.base import ProgramStore, StoredProgram, get_store
+from dmipro.storage.database import DatabaseProgramStore
+from dmipro.storage.directory import DirectoryProgramStore
+from dmipro.storage.files import export_program, read_program_file, record_from_dspy_state
+from dmipro.storage.program import (
+    build_program,
+    check_signatures,
+    instantiate,
+    lm_info,
+    predictor_signatures,
+    program_state,
+    state_bytes,
+)
+from dmipro.storage.record import FORMAT, MAX_DOCUMENT_BYTES, ProgramMetadata, ProgramRecord, dmipro_version
+
+__all__ = [
+    "FORMAT",
+    "MAX_DOCUMENT_BYTES",
+    "DatabaseProgramStore",
+    "DirectoryProgramStore",
+    "ProgramMetadata",
+    "ProgramRecord",
+    "ProgramStore",
+    "StoredProgram",
+    "build_program",
+    "check_signatures",
+    "dmipro_version",
+    "export_program",
+    "get_store",
+    "instantiate",
+    "lm_info",
+    "predictor_signatures",
+    "program_state",
+    "read_program_file",
+    "record_from_dspy_state",
+    "state_bytes",
+]

@@ -1,0 +1,310 @@
+"""The stored form of an optimized program: DSPy's JSON, its metadata and the run's history.
+
+A :class:`ProgramRecord` is a frozen value object; ``to_json()`` gives the export document
+
+    {"format": "dmipro.program/v1", "metadata": {...}, "program": <DSPy JSON>, "history": [...]}
+
+and ``from_json()`` reads one back, raising :class:`~dmipro.errors.DecodeError` for
+anything that is not exactly that shape. ``program`` is the dict ``program.save("x.json")``
+writes, so plain DSPy loads it with ``program.load(path)``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dmipro.errors import DecodeError
+from dmipro.refs import is_ref, ref_of
+
+if TYPE_CHECKING:
+    import dspy
+
+__all__ = [
+    "FORMAT",
+    "MAX_DOCUMENT_BYTES",
+    "ProgramMetadata",
+    "ProgramRecord",
+    "check_program_state",
+    "dmipro_version",
+    "state_predictors",
+]
+
+FORMAT = "dmipro.program/v1"
+"""Format marker of an exported program document."""
+
+MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
+"""Largest program document read from a file or a store (32 MiB)."""
+
+_BUILTIN_LM_CLASS = "dspy.clients.lm.LM"
+_PREDICTOR_KEYS = frozenset({"traces", "train", "demos", "signature", "lm", "fields"})
+
+
+def dmipro_version() -> str:
+    """The installed dmipro version, or ``"0+unknown"`` when running from a source tree."""
+    try:
+        return importlib.metadata.version("dmipro")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _plain_json(value: Any, what: str) -> Any:
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise ValueError(f"{what} must be plain JSON ({exc})") from None
+
+
+Short = Annotated[str, Field(max_length=200)]
+
+
+class PredictorFields(BaseModel):
+    """Input and output field names of one predictor's signature."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: list[Annotated[str, Field(max_length=200)]]
+    outputs: list[Annotated[str, Field(max_length=200)]]
+
+
+class ProgramMetadata(BaseModel):
+    """What is known about how a stored program was made.
+
+    ``program_ref`` rebuilds the module (``package.module:attr``: an instance, a class or a
+    zero-argument factory); ``signatures`` hold each predictor's field names so a changed
+    signature is caught on load; ``lm`` holds the model and non-secret parameters only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    program_ref: Annotated[str, Field(max_length=300)]
+    job_id: Annotated[str, Field(max_length=64)] | None = None
+    optimizer: dict[str, Any] = Field(default_factory=dict)
+    baseline_score: float | None = None
+    best_score: float | None = None
+    lm: dict[str, Any] | None = None
+    dspy_version: Short
+    dmipro_version: Short
+    datasets: dict[Short, Short] = Field(default_factory=dict)
+    signatures: dict[Annotated[str, Field(max_length=500)], PredictorFields] = Field(default_factory=dict)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("program_ref")
+    @classmethod
+    def _ref_shape(cls, value: str) -> str:
+        if not is_ref(value):
+            raise ValueError(f"{value!r} is not a 'package.module:attr' reference")
+        return value
+
+    @field_validator("lm")
+    @classmethod
+    def _lm_without_secrets(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from dmipro.storage.program import lm_info
+
+        return lm_info(value)
+
+    @field_validator("optimizer", "extra")
+    @classmethod
+    def _json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _plain_json(value, "value")  # type: ignore[no-any-return]
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def state_predictors(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The predictor entries of a saved state, by name; a bare ``Predict``'s flat state is ``"self"``."""
+    if isinstance(state.get("signature"), Mapping) and isinstance(state.get("demos"), list):
+        return {"self": {k: v for k, v in state.items() if k != "metadata"}}
+    return {k: v for k, v in state.items() if k != "metadata"}
+
+
+def check_program_state(state: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``state`` has the shape of DSPy's saved-program JSON."""
+    meta = state.get("metadata")
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("dependency_versions"), Mapping):
+        raise ValueError("the program has no metadata.dependency_versions (DSPy's save always writes it)")
+    if not all(isinstance(v, str) for v in meta["dependency_versions"].values()):
+        raise ValueError("metadata.dependency_versions must map names to version strings")
+    predictors = state_predictors(state)
+    if not predictors:
+        raise ValueError("the program has no predictors")
+    for name, pstate in predictors.items():
+        _check_predictor(name, pstate)
+
+
+def _check_predictor(name: str, pstate: Any) -> None:
+    where = f"predictor {name!r}"
+    if not isinstance(pstate, Mapping):
+        raise ValueError(f"{where} must be an object, got {type(pstate).__name__}")
+    unknown = sorted(set(pstate) - _PREDICTOR_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys: {', '.join(unknown)}")
+    sig = pstate.get("signature")
+    if not isinstance(sig, Mapping) or not isinstance(sig.get("instructions"), str):
+        raise ValueError(f"{where}: signature.instructions must be a string")
+    fields = sig.get("fields")
+    if not isinstance(fields, list) or not all(
+        isinstance(f, Mapping) and isinstance(f.get("prefix"), str) and isinstance(f.get("description"), str)
+        for f in fields
+    ):
+        raise ValueError(f"{where}: signature.fields must be a list of {{prefix, description}} strings")
+    for key in ("demos", "traces", "train"):
+        if not isinstance(pstate.get(key, []), list):
+            raise ValueError(f"{where}: {key} must be a list")
+    if not all(isinstance(d, Mapping) for d in pstate.get("demos", [])):
+        raise ValueError(f"{where}: every demo must be an object")
+    lm = pstate.get("lm")
+    if lm is not None:
+        if not isinstance(lm, Mapping):
+            raise ValueError(f"{where}: lm must be null or an object")
+        cls_path = lm.get("_dspy_lm_class", _BUILTIN_LM_CLASS)
+        if cls_path != _BUILTIN_LM_CLASS:
+            raise ValueError(
+                f"{where}: LM class {cls_path!r} is not dspy.LM; dmipro loads no custom LM classes"
+            )
+        for key in ("engine", "async_engine"):
+            if key in lm and not isinstance(lm[key], str | None):
+                raise ValueError(f"{where}: a custom LM {key} (a class reference) is not loaded by dmipro")
+
+
+class ProgramRecord(BaseModel):
+    """An optimized program as stored: DSPy's JSON (``program``), ``metadata`` and ``history``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metadata: ProgramMetadata
+    program: dict[str, Any]
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("program")
+    @classmethod
+    def _program_shape(cls, value: dict[str, Any]) -> dict[str, Any]:
+        value = _plain_json(value, "program")
+        check_program_state(value)
+        return value
+
+    @field_validator("history")
+    @classmethod
+    def _history_json(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return _plain_json(value, "history")  # type: ignore[no-any-return]
+
+    @model_validator(mode="after")
+    def _signatures_match_state(self) -> ProgramRecord:
+        saved = set(state_predictors(self.program))
+        names = set(self.metadata.signatures)
+        if not names <= saved:
+            missing = ", ".join(sorted(names - saved))
+            raise ValueError(f"metadata.signatures names predictors the program does not have: {missing}")
+        return self
+
+    @classmethod
+    def from_program(
+        cls,
+        program: dspy.Module,
+        *,
+        program_ref: str | object,
+        job_id: str | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        baseline_score: float | None = None,
+        best_score: float | None = None,
+        lm: Any = None,
+        datasets: Mapping[str, str] | None = None,
+        history: Sequence[Mapping[str, Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> ProgramRecord:
+        """Capture ``program`` with its metadata.
+
+        ``program_ref`` is a ``package.module:attr`` string or the importable object itself
+        (the factory, class or module instance that rebuilds ``program``); ``lm`` is a
+        ``dspy.LM`` or a dict, stored without secrets.
+        """
+        import dspy
+
+        from dmipro.storage.program import lm_info, predictor_signatures, program_state
+
+        ref = program_ref if isinstance(program_ref, str) else ref_of(program_ref, field="program")
+        metadata = ProgramMetadata(
+            program_ref=ref,
+            job_id=job_id,
+            optimizer=dict(optimizer or {}),
+            baseline_score=baseline_score,
+            best_score=best_score,
+            lm=lm_info(lm),
+            dspy_version=dspy.__version__,
+            dmipro_version=dmipro_version(),
+            datasets=dict(datasets or {}),
+            signatures=predictor_signatures(program),  # type: ignore[arg-type]
+            extra=dict(extra or {}),
+        )
+        return cls(
+            metadata=metadata, program=program_state(program), history=[dict(h) for h in history or []]
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The export document: format marker, metadata, DSPy's program JSON, history."""
+        return {
+            "format": FORMAT,
+            "metadata": self.metadata.model_dump(mode="json"),
+            "program": self.program,
+            "history": self.history,
+        }
+
+    def to_bytes(self) -> bytes:
+        """The export document as indented JSON bytes."""
+        return orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+
+    @classmethod
+    def from_json(cls, document: Any, *, program_ref: str | None = None) -> ProgramRecord:
+        """Read an export document; ``program_ref`` overrides the stored reference.
+
+        Raises :class:`DecodeError` naming the first problem when ``document`` is not a
+        ``dmipro.program/v1`` document of the right shape.
+        """
+        if not isinstance(document, Mapping):
+            raise DecodeError(f"a program document must be a JSON object, got {type(document).__name__}")
+        marker = document.get("format")
+        if marker != FORMAT:
+            raise DecodeError(f"unsupported program format {marker!r}; expected {FORMAT!r}")
+        unknown = sorted(set(document) - {"format", "metadata", "program", "history"})
+        if unknown:
+            raise DecodeError(f"unknown keys in program document: {', '.join(map(str, unknown))}")
+        metadata = document.get("metadata")
+        if program_ref is not None and isinstance(metadata, Mapping):
+            metadata = {**metadata, "program_ref": program_ref}
+        try:
+            return cls.model_validate(
+                {
+                    "metadata": metadata,
+                    "program": document.get("program"),
+                    "history": document.get("history", []),
+                }
+            )
+        except ValidationError as exc:
+            raise DecodeError(f"not a valid program document: {_first_error(exc)}") from None
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, program_ref: str | None = None) -> ProgramRecord:
+        """Parse and read an export document from JSON bytes."""
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise DecodeError(f"program document is {len(data)} bytes; the limit is {MAX_DOCUMENT_BYTES}")
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"program document is not JSON ({exc})") from None
+        return cls.from_json(document, program_ref=program_ref)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg

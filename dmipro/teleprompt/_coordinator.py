@@ -1,0 +1,567 @@
+"""The MIPROv2 coordinator: runs or resumes the three phases of one job.
+
+It holds no search state of its own. Finished phases are checkpoints in the job store;
+the search is an Optuna study in the job database; per-example scores are cached by
+candidate fingerprint. A coordinator started again on the same job — after a crash, a
+redelivered Celery task, a second ``dmipro optimize --job-id`` — skips finished phases,
+re-runs the trials that were in flight and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmipro.errors import DmiproError, OptimizationError, TaskError
+from dmipro.evaluate import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
+from dmipro.events import bus, correlate
+from dmipro.executor_adapters.base import ExecutorAdapter
+from dmipro.jobs.candidate import Candidate, apply_candidate
+from dmipro.jobs.runtime import JobRuntime
+from dmipro.jobs.store import JobState, JobStore
+from dmipro.lm.usage import Usage
+from dmipro.propose.grounded import (
+    choose_tip,
+    data_batches,
+    module_string,
+    program_code,
+    task_demos_for,
+)
+from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run, rng_for
+from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind
+
+__all__ = ["Coordinator", "OptimizationResult", "PhaseStats"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class PhaseStats:
+    """LM usage and wall time of one phase; ``resumed`` when it came from a checkpoint."""
+
+    wall_s: float = 0.0
+    task_lm: Usage = field(default_factory=Usage)
+    prompt_lm: Usage = field(default_factory=Usage)
+    resumed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "task_lm": self.task_lm.summary(),
+            "prompt_lm": self.prompt_lm.summary(),
+            "resumed": self.resumed,
+            "usage": {"task_lm": self.task_lm.to_json(), "prompt_lm": self.prompt_lm.to_json()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, resumed: bool) -> PhaseStats:
+        return cls(
+            wall_s=float(data.get("wall_s", 0.0)),
+            task_lm=Usage.from_json(data.get("usage", {}).get("task_lm")),
+            prompt_lm=Usage.from_json(data.get("usage", {}).get("prompt_lm")),
+            resumed=resumed,
+        )
+
+
+@dataclass
+class OptimizationResult:
+    """The outcome of one optimization job."""
+
+    job_id: str
+    program: Any
+    best_candidate: Candidate
+    baseline_score: float
+    best_score: float
+    trials: int
+    stop_reason: str
+    phases: dict[str, PhaseStats]
+    trial_logs: dict[int, dict[str, Any]]
+    candidate_programs: list[dict[str, Any]]
+    mb_candidate_programs: list[dict[str, Any]]
+    wall_s: float
+    program_path: str | None = None
+    registered: dict[str, Any] | None = None
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for phase in self.phases.values():
+            total.add(phase.task_lm).add(phase.prompt_lm)
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` report."""
+        usage = self.usage
+        return {
+            "job_id": self.job_id,
+            "baseline_score": self.baseline_score,
+            "best_score": self.best_score,
+            "trials": self.trials,
+            "lm_calls": usage.calls,
+            "tokens": usage.tokens,
+            "cost_usd": usage.cost_usd,
+            "wall_s": round(self.wall_s, 3),
+            "stop_reason": self.stop_reason,
+            "program_path": self.program_path,
+            "registered": self.registered,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """What the job row keeps (no program objects)."""
+        return {
+            **self.summary(),
+            "best_candidate": self.best_candidate,
+            "phases": {k: v.to_json() for k, v in self.phases.items()},
+            "trial_logs": {str(k): v for k, v in self.trial_logs.items()},
+        }
+
+
+class _Budget:
+    def __init__(self, max_lm_calls: int | None, max_cost_usd: float | None) -> None:
+        self.max_lm_calls, self.max_cost_usd = max_lm_calls, max_cost_usd
+
+    def exhausted(self, usage: Usage) -> bool:
+        if self.max_lm_calls is not None and usage.calls >= self.max_lm_calls:
+            return True
+        cost = usage.cost_usd
+        return self.max_cost_usd is not None and cost is not None and cost >= self.max_cost_usd
+
+    def room_calls(self, usage: Usage) -> float:
+        """How many more LM calls fit (by calls and, through the mean price, by cost)."""
+        room = math.inf
+        if self.max_lm_calls is not None:
+            room = self.max_lm_calls - usage.calls
+        cost = usage.cost_usd
+        if self.max_cost_usd is not None and cost is not None and usage.calls:
+            room = min(room, (self.max_cost_usd - cost) / (cost / usage.calls) if cost else math.inf)
+        return room
+
+
+class Coordinator:
+    """Runs one job's MIPROv2 phases over an executor; see the module docstring."""
+
+    PHASES = ("bootstrap", "propose", "search")
+
+    def __init__(self, job_id: str, runtime: JobRuntime, executor: ExecutorAdapter, *,
+                 store: JobStore | None = None, on_progress: ProgressFn | None = None,
+                 program_path: Path | None = None) -> None:
+        self.job_id = job_id
+        self.program_path = program_path
+        self.runtime = runtime
+        self.executor = executor
+        self.store = store or JobStore()
+        self.on_progress = on_progress
+        self.opt = runtime.spec.optimizer
+        self.seed = self.opt.seed
+        self.phases: dict[str, PhaseStats] = {}
+        self._budget = _Budget(self.opt.max_lm_calls, self.opt.max_cost_usd)
+
+    # -- helpers -------------------------------------------------------------------
+    def _progress(self, phase: str, **data: Any) -> None:
+        usage = self._total_usage()
+        data.update(lm_calls=usage.calls, tokens=usage.tokens, cost_usd=usage.cost_usd)
+        self.store.set_progress(self.job_id, phase=phase, **data)
+        if self.on_progress is not None:
+            try:
+                self.on_progress({"phase": phase, **data})
+            except Exception:
+                log.exception("progress callback failed")
+
+    def _total_usage(self) -> Usage:
+        total = Usage()
+        for p in self.phases.values():
+            total.add(p.task_lm).add(p.prompt_lm)
+        return total
+
+    def _map(self, task: str, payloads: list[dict[str, Any]], stats: Usage) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = [{} for _ in payloads]
+        for i, res in self.executor.map(task, payloads):
+            stats.add(Usage.from_json(res.get("usage")))
+            results[i] = res
+        return results
+
+    def _cancelled(self) -> bool:
+        return self.store.cancel_requested(self.job_id)
+
+    # -- the run -------------------------------------------------------------------
+    def run(self) -> OptimizationResult:
+        """Run (or resume) the job to the end; the job row says how it ended."""
+        start = time.perf_counter()
+        self.store.start(self.job_id, self.executor.name)
+        with correlate(job_id=self.job_id):
+            bus.emit("dspy.optimization.start", optimizer="MIPROv2", executor=self.executor.name,
+                     settings=self.opt.model_dump(mode="json"))
+            try:
+                result = self._run(start)
+                self._save(result)
+            except BaseException as exc:
+                message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
+                self.store.finish(self.job_id, JobState.FAILED, error=message)
+                bus.emit("dspy.optimization.error", error=message, error_type=type(exc).__name__)
+                raise
+            state = JobState.CANCELLED if result.stop_reason == "cancelled" else JobState.SUCCEEDED
+            self.store.finish(self.job_id, state, result=result.to_json())
+            bus.emit("dspy.optimization.complete", **{k: v for k, v in result.summary().items() if k != "job_id"})
+        return result
+
+    def _run(self, start: float) -> OptimizationResult:
+        program = self.runtime.fresh_program()
+        self.predictors = [name for name, _ in program.named_predictors()]
+        self.plan = self._plan(program)
+        self._progress("bootstrap", trials_done=0, trials_total=self.plan.num_trials)
+        demo_sets = self._phase("bootstrap", self._bootstrap)["demo_sets"]
+        proposals = self._phase("propose", lambda stats: self._propose(stats, demo_sets))
+        space = SearchSpace(
+            predictors=tuple(self.predictors),
+            instructions=proposals["instructions"],
+            demo_sets=None if self.plan.zeroshot else demo_sets,
+        )
+        return self._search(space, start)
+
+    def _plan(self, program: Any) -> RunPlan:
+        return plan_run(
+            auto=self.opt.auto,
+            num_candidates=self.opt.num_candidates,
+            num_trials=self.opt.num_trials,
+            num_predictors=len(self.predictors),
+            val_size=len(self.runtime.split("val")),
+            max_bootstrapped_demos=self.opt.max_bootstrapped_demos,
+            max_labeled_demos=self.opt.max_labeled_demos,
+            minibatch=self.opt.minibatch,
+            minibatch_size=self.opt.minibatch_size,
+            minibatch_full_eval_steps=self.opt.minibatch_full_eval_steps,
+            seed=self.seed,
+        )
+
+    def _phase(self, name: str, body: Callable[[PhaseStats], dict[str, Any]]) -> dict[str, Any]:
+        saved = self.store.load_checkpoint(self.job_id, name)
+        if saved is not None:
+            self.phases[name] = PhaseStats.from_json(saved["stats"], resumed=True)
+            return saved
+        if self._budget.exhausted(self._total_usage()):
+            raise OptimizationError(f"the LM budget ran out before the {name} phase; raise max_lm_calls "
+                                    "or max_cost_usd")
+        stats = self.phases[name] = PhaseStats()
+        t0 = time.perf_counter()
+        data = body(stats)
+        stats.wall_s = time.perf_counter() - t0
+        data["stats"] = stats.to_json()
+        self.store.save_checkpoint(self.job_id, name, data)
+        return data
+
+    # -- phase 1 ---------------------------------------------------------------------
+    def _bootstrap(self, stats: PhaseStats) -> dict[str, Any]:
+        plans = plan_demo_sets(self.plan.num_fewshot_candidates,
+                               max_bootstrapped=self.plan.bootstrap_max_bootstrapped,
+                               max_labeled=self.plan.bootstrap_max_labeled, seed=self.seed)
+        sets: dict[int, dict[str, list[dict[str, Any]]]] = {0: {n: [] for n in self.predictors}}
+        payloads = [
+            {
+                "job": self.job_id,
+                "index": p.index,
+                "kind": p.kind,
+                "shuffle_seed": p.shuffle_seed,
+                "max_bootstrapped": p.max_bootstrapped,
+                "max_labeled": p.max_labeled,
+                "max_rounds": self.opt.max_rounds,
+                "metric_threshold": self.opt.metric_threshold,
+                "max_errors": self.opt.max_errors,
+            }
+            for p in plans if p.kind != "zeroshot"
+        ]
+        for res in self._map("bootstrap_demo_set", payloads, stats.task_lm):
+            sets[int(res["index"])] = res["demos"]
+        demo_sets = {name: [sets[i][name] for i in range(len(plans))] for name in self.predictors}
+        bus.emit("dspy.optimization.bootstrap_complete", num_sets=len(plans),
+                 demos_per_set=[sum(len(sets[i][n]) for n in self.predictors) for i in range(len(plans))])
+        self._progress("propose")
+        return {"demo_sets": demo_sets}
+
+    # -- phase 2 ---------------------------------------------------------------------
+    def _propose(self, stats: PhaseStats, demo_sets: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
+        program = self.runtime.fresh_program()
+        preds = dict(program.named_predictors())
+        opt, job = self.opt, self.job_id
+        n_sets = len(demo_sets[self.predictors[0]])
+        per_predictor = min(self.plan.num_instruct_candidates, n_sets)
+        code = program_code(program) if opt.program_aware_proposer else None
+        first = preds[self.predictors[0]]
+        example = task_demos_for(first, demo_sets[self.predictors[0]], min(2, n_sets - 1)) if n_sets > 1 \
+            else "No task demos provided."
+
+        # Wave 1: observations on data batches, and the program description.
+        wave1: list[tuple[str, dict[str, Any]]] = []
+        if opt.data_aware_proposer:
+            for lo, hi in data_batches(len(self.runtime.split("train")), opt.view_data_batch_size):
+                wave1.append(("describe_data", {"job": job, "start": lo, "stop": hi}))
+        if code is not None:
+            wave1.append(("describe_program", {"job": job, "program_code": code, "program_example": example,
+                                               "seed": rng_for(self.seed, "describe_program").randrange(10**9),
+                                               "temperature": opt.init_temperature}))
+        out1 = self._run_mixed(wave1, stats)
+        observations = "".join(
+            r["observations"] for (t, _), r in zip(wave1, out1, strict=True)
+            if t == "describe_data" and r and not r["observations"][:8].upper() == "COMPLETE"
+        )
+        program_description = next((r["program_description"] for (t, _), r in zip(wave1, out1, strict=True)
+                                    if t == "describe_program" and r), None)
+
+        # Wave 2: the dataset summary, and each module's description.
+        wave2: list[tuple[str, dict[str, Any]]] = []
+        if opt.data_aware_proposer and observations:
+            wave2.append(("summarize_data", {"job": job, "observations": observations}))
+        if code is not None and program_description is not None:
+            for i, name in enumerate(self.predictors):
+                wave2.append(("describe_module", {
+                    "job": job, "program_code": code, "program_example": example,
+                    "program_description": program_description, "module": module_string(preds[name]),
+                    "seed": rng_for(self.seed, "describe_module", i).randrange(10**9),
+                    "temperature": opt.init_temperature, "name": name,
+                }))
+        out2 = self._run_mixed(wave2, stats)
+        summary = next((r["summary"] for (t, _), r in zip(wave2, out2, strict=True) if t == "summarize_data" and r),
+                       None)
+        module_desc = {p["name"]: r["module_description"] for (t, p), r in zip(wave2, out2, strict=True)
+                       if t == "describe_module" and r}
+        program_aware = code is not None and program_description is not None and len(module_desc) == len(preds)
+
+        # Wave 3: every instruction proposal at once; candidate 0 is the original instruction.
+        instructions = {name: [preds[name].signature.instructions] for name in self.predictors}
+        payloads = []
+        for i, name in enumerate(self.predictors):
+            for set_i in range(1, per_predictor):
+                ctx: dict[str, Any] = {
+                    "task_demos": task_demos_for(preds[name], demo_sets[name], set_i)
+                    if opt.fewshot_aware_proposer else "No task demos provided.",
+                    "basic_instruction": preds[name].signature.instructions,
+                }
+                if summary is not None:
+                    ctx["dataset_description"] = summary
+                if program_aware:
+                    ctx.update(program_code=code, program_description=program_description,
+                               module=module_string(preds[name]), module_description=module_desc[name])
+                tip = choose_tip(self.seed, i, set_i) if opt.tip_aware_proposer else ""
+                if tip:
+                    ctx["tip"] = tip
+                payloads.append({"job": job, "predictor": name, "index": set_i, "context": ctx,
+                                 "seed": rng_for(self.seed, "proposal", i, set_i).randrange(10**9),
+                                 "temperature": opt.init_temperature})
+        results = self._map("propose_instruction", payloads, stats.prompt_lm)
+        for res in sorted(results, key=lambda r: (self.predictors.index(r["predictor"]), r["index"])):
+            instructions[res["predictor"]].append(res["instruction"])
+        bus.emit("dspy.optimization.instruction_proposal_complete",
+                 num_instructions={k: len(v) for k, v in instructions.items()},
+                 dataset_summary=summary is not None, program_aware=program_aware)
+        return {"instructions": instructions, "dataset_summary": summary,
+                "program_description": program_description}
+
+    def _run_mixed(self, work: list[tuple[str, dict[str, Any]]], stats: PhaseStats) -> list[dict[str, Any]]:
+        """Run a wave of different proposer tasks at once; a failed one gives ``{}`` (DSPy degrades too)."""
+        futures = [self.executor.submit(task, payload) for task, payload in work]
+        out: list[dict[str, Any]] = []
+        for (task, _), fut in zip(work, futures, strict=True):
+            try:
+                res = fut.result()
+            except TaskError as exc:
+                log.warning("%s failed, proposing without it: %s", task, exc)
+                out.append({})
+                continue
+            stats.prompt_lm.add(Usage.from_json(res.get("usage")))
+            out.append(res)
+        return out
+
+    # -- phase 3 ---------------------------------------------------------------------
+    def _search(self, space: SearchSpace, start: float) -> OptimizationResult:
+        saved = self.store.load_checkpoint(self.job_id, "search")
+        stats = self.phases["search"] = PhaseStats.from_json(saved["stats"], resumed=False) if saved \
+            else PhaseStats()
+        t0 = time.perf_counter() - stats.wall_s
+        plan = self.plan
+        study = Study(f"dmipro:{self.job_id}", str(self.store.engine.url.render_as_string(hide_password=False)),
+                      seed=self.seed, space=space)
+        evaluator = Evaluator(self.job_id, self.executor, split="val", size=len(self.runtime.split("val")),
+                              chunk_size=self.runtime.spec.executor.chunk_size,
+                              cache=StoreScoreCache(self.store, self.job_id, "val"))
+        val_ids = list(plan.val_ids)
+        stop_reason = "completed"
+        eval_calls = eval_examples = 0
+
+        def save() -> None:
+            stats.wall_s = time.perf_counter() - t0
+            self.store.save_checkpoint(self.job_id, "search", {"stats": stats.to_json()})
+
+        while True:
+            st = study.state()
+            done = st.minibatch_done if plan.minibatch else st.full_done
+            self._progress("search", trials_done=done, trials_total=plan.num_trials,
+                           best_score=None if st.best_params is None else st.best_score,
+                           baseline_score=None if st.baseline is None else float(st.baseline.value))
+            if self._cancelled():
+                stop_reason = "cancelled"
+                break
+            rerun = list(st.running)
+            due_full = 0
+            if plan.minibatch and not rerun:
+                target = plan.expected_full_evals if done >= plan.num_trials else done // plan.full_eval_steps
+                due_full = max(0, target - st.full_done)
+            if not rerun and not due_full and done >= plan.num_trials and st.baseline is not None:
+                break
+            usage = self._total_usage()
+            if self._budget.exhausted(usage) and st.baseline is not None:
+                stop_reason = "budget"
+                break
+            if due_full:
+                picks = st.next_full_evals(due_full)
+                if not picks:  # every combination already has a full score (tiny spaces)
+                    break
+                first = len(study.trials()) + 1
+                results = evaluator.evaluate_many(
+                    [EvalRequest(space.candidate(p), val_ids, trial=first + j) for j, (_, p) in enumerate(picks)])
+                for (key, params), res in zip(picks, results, strict=True):
+                    stats.task_lm.add(res.usage)
+                    study.add_full(params, res.score, st.batches)
+                    bus.emit("dspy.optimization.trial_complete", trial=len(study.trials()), kind=TrialKind.FULL,
+                             score=res.score, candidate=key)
+                save()
+                continue
+
+            # A batch: trials in flight before a restart, or new ones (with the baseline first).
+            batch = st.batches
+            if rerun:
+                trials = rerun
+            else:
+                trials = []
+                if st.baseline is None:
+                    trials.append(study.ask(TrialKind.BASELINE, batch, space.baseline_params()))
+                k = self._batch_size(st, plan, done, study.n_startup_trials)
+                room = self._budget.room_calls(usage)
+                if math.isfinite(room):
+                    per_example = eval_calls / eval_examples if eval_examples else 1.0
+                    per_trial = plan.minibatch_size if plan.minibatch else len(val_ids)
+                    k = min(k, int(room // max(1.0, per_example * per_trial)))
+                    if k < 1 and st.baseline is not None:
+                        stop_reason = "budget"
+                        break
+                kind = TrialKind.MINIBATCH if plan.minibatch else TrialKind.FULL
+                trials += [study.ask(kind, batch) for _ in range(max(0, k))]
+            mb_ids = rng_for(self.seed, "minibatch", batch).sample(val_ids, plan.minibatch_size) \
+                if plan.minibatch else val_ids
+            requests = []
+            for t in trials:
+                kind = t.user_attrs.get("kind", TrialKind.MINIBATCH)
+                ids = val_ids if kind != TrialKind.MINIBATCH else mb_ids
+                requests.append(EvalRequest(space.candidate(t.params), ids, trial=t.number + 1))
+                bus.emit("dspy.optimization.trial_start", trial=t.number + 1, kind=kind,
+                         candidate=space.key(t.params))
+            results = self._evaluate(evaluator, requests)
+            for t, res in zip(trials, results, strict=True):
+                stats.task_lm.add(res.usage)
+                eval_calls += res.usage.calls
+                eval_examples += res.n - res.cached
+                study.tell(t.number, res.score)
+                bus.emit("dspy.optimization.trial_complete", trial=t.number + 1,
+                         kind=t.user_attrs.get("kind"), score=res.score, candidate=space.key(t.params))
+            save()
+
+        save()
+        st = study.state()
+        if st.baseline is None or st.best_params is None:
+            raise OptimizationError("the search ended before the baseline program was evaluated")
+        return self._result(space, study, st, stop_reason, start)
+
+    def _batch_size(self, st: SearchState, plan: RunPlan, done: int, n_startup: int) -> int:
+        """Trials to ask at once: ``parallel_trials``, or enough to fill the executor.
+
+        By default the batch also covers every trial TPE still samples at random (its
+        first ``n_startup`` completed trials, the baseline included): those choices do
+        not depend on results, so evaluating them together loses nothing.
+        """
+        remaining = plan.num_trials - done
+        if self.opt.parallel_trials is not None:
+            k = self.opt.parallel_trials
+        else:
+            per_trial = plan.minibatch_size if plan.minibatch else len(plan.val_ids)
+            startup_left = n_startup - st.completed - (0 if st.baseline is not None else 1)
+            k = max(1, math.ceil(self.executor.capacity / per_trial), startup_left)
+        return max(1, min(k, remaining))
+
+    def _evaluate(self, evaluator: Evaluator, requests: list[EvalRequest]) -> list[EvaluationResult]:
+        """Evaluate a batch; identical candidates on identical examples are evaluated once."""
+        from dmipro.jobs.candidate import fingerprint
+
+        unique: dict[tuple[str, tuple[int, ...]], int] = {}
+        todo: list[EvalRequest] = []
+        index = []
+        for req in requests:
+            key = (fingerprint(req.candidate), tuple(req.example_ids or ()))
+            if key not in unique:
+                unique[key] = len(todo)
+                todo.append(req)
+            index.append(unique[key])
+        results = evaluator.evaluate_many(todo)
+        seen: set[int] = set()
+        out = []
+        for i in index:
+            res = results[i]
+            if i in seen:  # a duplicate costs nothing: report it as cached
+                res = EvaluationResult(res.score, res.results, Usage(), res.wall_s, res.n)
+            seen.add(i)
+            out.append(res)
+        return out
+
+    # -- result ----------------------------------------------------------------------
+    def _save(self, result: OptimizationResult) -> None:
+        """Write the best program as DSPy's own ``program.save()`` JSON."""
+        from dmipro.config import get_settings
+
+        path = self.program_path or get_settings().home / "programs" / f"{self.job_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.program.save(str(path))
+        result.program_path = str(path)
+
+    def _result(self, space: SearchSpace, study: Study, st: SearchState, stop_reason: str,
+                start: float) -> OptimizationResult:
+        assert st.best_params is not None and st.baseline is not None
+        best_candidate = space.candidate(st.best_params)
+        program = apply_candidate(self.runtime.fresh_program(), best_candidate)
+        trial_logs: dict[int, dict[str, Any]] = {}
+        full, mb = [], []
+        for t in study.trials():
+            if t.value is None:
+                continue
+            kind = t.user_attrs.get("kind")
+            entry = {"kind": kind, "score": float(t.value), "params": dict(t.params),
+                     "candidate": t.user_attrs.get("key"), "full_eval": kind != TrialKind.MINIBATCH}
+            trial_logs[t.number + 1] = entry
+            (mb if kind == TrialKind.MINIBATCH else full).append(entry)
+        candidate_programs = [
+            {"score": e["score"], "full_eval": True, "candidate": e["candidate"],
+             "program": apply_candidate(self.runtime.fresh_program(), space.candidate(e["params"]))}
+            for e in sorted(full, key=lambda e: -e["score"])
+        ]
+        mb_candidate_programs = [
+            {"score": e["score"], "full_eval": False, "candidate": e["candidate"], "params": e["params"]}
+            for e in sorted(mb, key=lambda e: -e["score"])
+        ]
+        done = st.minibatch_done if self.plan.minibatch else st.full_done
+        return OptimizationResult(
+            job_id=self.job_id,
+            program=program,
+            best_candidate=best_candidate,
+            baseline_score=float(st.baseline.value),
+            best_score=st.best_score,
+            trials=done,
+            stop_reason=stop_reason,
+            phases=dict(self.phases),
+            trial_logs=trial_logs,
+            candidate_programs=candidate_programs,
+            mb_candidate_programs=mb_candidate_programs,
+            wall_s=time.perf_counter() - start,
+        )

@@ -1,0 +1,1 @@
+"""Example programs for dmipro: ``math_qa`` (the demo) and ``multistage``."""

@@ -1,0 +1,1 @@
+"""The math_qa demo: arithmetic word problems answered by ``dspy.ChainOfThought``."""

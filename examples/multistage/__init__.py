@@ -1,0 +1,1 @@
+"""A two-stage example: plan the arithmetic, then solve with the plan."""
