@@ -7,11 +7,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from dmipro.errors import JobSpecError
 from dmipro.evaluate import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
-from dmipro.jobs import Job, JobStore, load_job, register_runtime
+from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime
+from dmipro.teleprompt._coordinator import Coordinator, OptimizationResult, ProgressFn
 
-__all__ = ["JobSource", "evaluate", "resolve_job"]
+__all__ = ["JobSource", "evaluate", "optimize", "resolve_job"]
 
 JobSource = str | Path | dict[str, Any] | Job
 
@@ -49,3 +51,35 @@ def evaluate(source: JobSource, *, executor: str | ExecutorAdapter | None = None
     finally:
         if owned:
             ex.close()
+
+
+def optimize(source: JobSource, *, executor: str | ExecutorAdapter | None = None, job_id: str | None = None,
+             out: str | Path | None = None, concurrency: int | None = None,
+             on_progress: ProgressFn | None = None) -> OptimizationResult:
+    """Run MIPROv2 on a job in this process (its tasks on ``executor``); returns the result.
+
+    ``job_id`` of an earlier run of the same job resumes it: finished phases are not
+    recomputed and the study continues. The best program is written as DSPy JSON to
+    ``out`` (default ``$DMIPRO_HOME/programs/<job_id>.json``) and registered if the job
+    has a ``register:`` block.
+    """
+    job = resolve_job(source)
+    spec = job.spec
+    store = JobStore()
+    record = store.find(job_id) if job_id else None
+    if record is None:
+        record = store.create(name=spec.name, spec=job.to_json(), executor=spec.executor.backend, job_id=job_id)
+    elif record.spec != job.to_json():
+        raise JobSpecError(f"job {job_id} was started from a different spec; resume it with the same job "
+                           "file and data, or start a new job without --job-id")
+    ex = executor if isinstance(executor, ExecutorAdapter) else make_executor(
+        executor or spec.executor.backend, concurrency or spec.executor.concurrency
+    )
+    try:
+        runtime = register_runtime(record.id, spec)
+        return Coordinator(record.id, runtime, ex, store=store, on_progress=on_progress,
+                           program_path=Path(out) if out else None).run()
+    finally:
+        if not isinstance(executor, ExecutorAdapter):
+            ex.close()
+        forget_runtime(record.id)

@@ -28,7 +28,16 @@ app = typer.Typer(
 sim_app = typer.Typer(help="The offline simulated LM.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
 
+
+def _mount() -> None:
+    from dmipro.registry.cli import export_command, import_command, registry_app
+
+    app.add_typer(registry_app, name="registry", help="Named, versioned programs: deploy and roll back.")
+    app.command("export")(export_command)
+    app.command("import")(import_command)
+
 console = Console(stderr=True)
+_mount()
 
 JobPath = Annotated[Path, typer.Argument(help="Job file (YAML).", show_default=False)]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
@@ -89,6 +98,129 @@ def evaluate(
             f"({result.errors} errors), {result.usage.calls} LM calls, {result.usage.tokens} tokens, "
             f"{result.wall_s:.2f}s"
         )
+
+
+class _ProgressView:
+    """A one-line rich progress display on stderr: phase, trial i/N, best so far."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[phase]:<9}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+            console=console, disable=not enabled, transient=False,
+        )
+        self.task = self.progress.add_task("optimize", total=None, phase="starting", detail="")
+
+    def __enter__(self) -> _ProgressView:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        detail = []
+        if info.get("baseline_score") is not None:
+            detail.append(f"baseline {info['baseline_score']:.1f}")
+        if info.get("best_score") is not None:
+            detail.append(f"best {info['best_score']:.1f}")
+        detail.append(f"{info.get('lm_calls', 0)} LM calls")
+        self.progress.update(self.task, phase=info.get("phase", ""), detail="  ".join(detail),
+                             total=info.get("trials_total"), completed=info.get("trials_done", 0))
+
+
+def _print_result(result: Any, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    summary = {**result.summary(), **(extra or {})}
+    if as_json:
+        emit_json(summary)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"job {result.job_id}", show_header=True)
+    table.add_column("")
+    table.add_column("baseline", justify="right")
+    table.add_column("optimized", justify="right")
+    table.add_row("valset score", f"{result.baseline_score:.2f}", f"[bold green]{result.best_score:.2f}")
+    if extra and "test_baseline_score" in extra:
+        table.add_row("test score", f"{extra['test_baseline_score']:.2f}",
+                      f"[bold green]{extra['test_best_score']:.2f}")
+    Console().print(table)
+    usage = result.usage
+    console.print(
+        f"{result.trials} trials, {usage.calls} LM calls, {usage.tokens} tokens, "
+        f"{result.wall_s:.1f}s, stopped: {result.stop_reason}"
+    )
+    console.print(f"program: {result.program_path}")
+    if result.registered:
+        r = result.registered
+        console.print(f"registered: {r['name']}@{r['version']}{' (deployed)' if r['deployed'] else ''}")
+
+
+@app.command()
+def optimize(
+    job: JobPath,
+    executor: ExecutorOpt = None,
+    concurrency: Annotated[int | None, typer.Option(help="Executor slots (default: the job's).")] = None,
+    job_id: Annotated[str | None, typer.Option("--job-id", help="Resume this job, or name a new one.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the optimized program here.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Optimize a job's program with MIPROv2 in this process; print the scores."""
+    from dmipro.api import optimize as run
+
+    with _ProgressView(enabled=not as_json) as view:
+        result = run(job, executor=executor, job_id=job_id, out=out, concurrency=concurrency, on_progress=view)
+    _print_result(result, as_json)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the optimized program here.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Optimize the math_qa example on the simulated LM (threads, SQLite) and compare with the baseline."""
+    from dmipro.api import evaluate as run_eval
+    from dmipro.api import optimize as run
+    from dmipro.jobs import load_job
+
+    path = _example_job()
+    job = load_job(path)
+    with _ProgressView(enabled=not as_json) as view:
+        result = run(job, out=out, on_progress=view)
+        view({"phase": "test", "trials_done": result.trials, "trials_total": result.trials,
+              "best_score": result.best_score, "lm_calls": result.usage.calls})
+        baseline_test = run_eval(job, split="test").score
+        optimized = job.spec.model_copy(update={"registration": None})
+        test = _evaluate_candidate(optimized, result.best_candidate)
+    _print_result(result, as_json, {"test_baseline_score": baseline_test, "test_best_score": test})
+
+
+def _example_job() -> Path:
+    import dmipro
+
+    for root in (Path.cwd(), Path(dmipro.__file__).resolve().parent.parent):
+        candidate = root / "examples" / "math_qa" / "job.yaml"
+        if candidate.is_file():
+            return candidate
+    raise DmiproError("examples/math_qa/job.yaml not found; run the demo from the dmipro repository")
+
+
+def _evaluate_candidate(spec: Any, candidate: dict[str, Any]) -> float:
+    """Score a candidate on the job's test split (held out from the optimization)."""
+    import uuid
+
+    from dmipro.evaluate import Evaluator
+    from dmipro.executor_adapters import make_executor
+    from dmipro.jobs import forget_runtime, register_runtime
+
+    job_id = f"{spec.name}-test-{uuid.uuid4().hex[:8]}"
+    runtime = register_runtime(job_id, spec)
+    with make_executor(spec.executor.backend, spec.executor.concurrency) as ex:
+        score = Evaluator(job_id, ex, split="test", size=len(runtime.split("test")))(candidate).score
+    forget_runtime(job_id)
+    return score
 
 
 @sim_app.command("serve")

@@ -122,6 +122,13 @@ class Evaluator:
 
     def evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
         """Evaluate several candidates at once, sharing the executor's capacity."""
+        from dmipro.tracing import span
+
+        with span("dmipro.evaluate", job_id=self.job_id, split=self.split, candidates=len(requests),
+                  trials=",".join(str(r.trial) for r in requests if r.trial is not None) or None):
+            return self._evaluate_many(requests)
+
+    def _evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
         start = time.perf_counter()
         plans = []
         for req in requests:

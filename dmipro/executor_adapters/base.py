@@ -56,7 +56,12 @@ class ExecutorAdapter:
         """Ship one task; the future resolves to its JSON result."""
         from dmipro.tasks import get_task
 
+        from dmipro.tracing import inject
+
         get_task(task)  # an unknown name fails here, in the caller, not on a worker
+        carrier = inject()
+        if carrier:
+            payload = {**payload, "_trace": carrier}
         return self._ship(task, encode_payload(payload))
 
     def map(self, task: str, payloads: Iterable[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from dmipro.errors import JobSpecError
 from dmipro.jobs._load import build_program
 from dmipro.jobs.candidate import Candidate, apply_candidate, fingerprint
 from dmipro.jobs.spec import JobSpec
@@ -78,11 +79,19 @@ class JobRuntime:
                 self._programs.popitem(last=False)
         return program
 
+    def data_fingerprints(self) -> dict[str, str]:
+        """A short content hash per split, for the stored program's metadata."""
+        from dmipro.jobs._datasets import fingerprint_records
+        from dmipro.jobs.candidate import demo_dict
+
+        return {k: fingerprint_records([demo_dict(e) for e in v]) for k, v in self.examples.items()}
+
     def split(self, name: str) -> list[Any]:
         try:
             return self.examples[name]
         except KeyError:
-            raise KeyError(f"job {self.job_id} has no {name} split") from None
+            raise JobSpecError(f"the job has no {name} split; add {SPLITS.get(name, name)}: to the job",
+                               field=SPLITS.get(name)) from None
 
 
 _lock = threading.Lock()

@@ -51,8 +51,11 @@ def execute(name: str, body: str) -> dict[str, Any]:
         raise DecodeError(f"task {name}: payload is not JSON ({exc})") from exc
     if not isinstance(payload, dict):
         raise DecodeError(f"task {name}: payload must be a JSON object")
+    from dmipro.tracing import attach, span
+
     try:
-        result = fn(payload)
+        with attach(payload.pop("_trace", None)), span(f"dmipro.task.{name}", job_id=payload.get("job")):
+            result = fn(payload)
     except DmiproError:
         raise
     except Exception as exc:

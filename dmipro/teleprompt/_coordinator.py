@@ -34,6 +34,7 @@ from dmipro.propose.grounded import (
 )
 from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run, rng_for
 from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind
+from dmipro.tracing import span
 
 __all__ = ["Coordinator", "OptimizationResult", "PhaseStats"]
 
@@ -195,7 +196,8 @@ class Coordinator:
         """Run (or resume) the job to the end; the job row says how it ended."""
         start = time.perf_counter()
         self.store.start(self.job_id, self.executor.name)
-        with correlate(job_id=self.job_id):
+        with correlate(job_id=self.job_id), span("dmipro.optimize", job_id=self.job_id,
+                                                 executor=self.executor.name, optimizer="MIPROv2"):
             bus.emit("dspy.optimization.start", optimizer="MIPROv2", executor=self.executor.name,
                      settings=self.opt.model_dump(mode="json"))
             try:
@@ -223,7 +225,8 @@ class Coordinator:
             instructions=proposals["instructions"],
             demo_sets=None if self.plan.zeroshot else demo_sets,
         )
-        return self._search(space, start)
+        with span("dmipro.phase.search", job_id=self.job_id):
+            return self._search(space, start)
 
     def _plan(self, program: Any) -> RunPlan:
         return plan_run(
@@ -250,7 +253,8 @@ class Coordinator:
                                     "or max_cost_usd")
         stats = self.phases[name] = PhaseStats()
         t0 = time.perf_counter()
-        data = body(stats)
+        with span(f"dmipro.phase.{name}", job_id=self.job_id):
+            data = body(stats)
         stats.wall_s = time.perf_counter() - t0
         data["stats"] = stats.to_json()
         self.store.save_checkpoint(self.job_id, name, data)
@@ -422,8 +426,9 @@ class Coordinator:
                 if not picks:  # every combination already has a full score (tiny spaces)
                     break
                 first = len(study.trials()) + 1
-                results = evaluator.evaluate_many(
-                    [EvalRequest(space.candidate(p), val_ids, trial=first + j) for j, (_, p) in enumerate(picks)])
+                with span("dmipro.trial", job_id=self.job_id, kind=TrialKind.FULL, trial=first):
+                    results = evaluator.evaluate_many([EvalRequest(space.candidate(p), val_ids, trial=first + j)
+                                                       for j, (_, p) in enumerate(picks)])
                 for (key, params), res in zip(picks, results, strict=True):
                     stats.task_lm.add(res.usage)
                     study.add_full(params, res.score, st.batches)
@@ -460,7 +465,9 @@ class Coordinator:
                 requests.append(EvalRequest(space.candidate(t.params), ids, trial=t.number + 1))
                 bus.emit("dspy.optimization.trial_start", trial=t.number + 1, kind=kind,
                          candidate=space.key(t.params))
-            results = self._evaluate(evaluator, requests)
+            with span("dmipro.trial", job_id=self.job_id, kind="batch", batch=batch,
+                      trial=",".join(str(t.number + 1) for t in trials)):
+                results = self._evaluate(evaluator, requests)
             for t, res in zip(trials, results, strict=True):
                 stats.task_lm.add(res.usage)
                 eval_calls += res.usage.calls
@@ -525,6 +532,38 @@ class Coordinator:
         path.parent.mkdir(parents=True, exist_ok=True)
         result.program.save(str(path))
         result.program_path = str(path)
+        if self.runtime.spec.registration is not None and not self.runtime.in_process:
+            result.registered = self._register(result)
+
+    def _register(self, result: OptimizationResult) -> dict[str, Any]:
+        """Register the best program under the job's ``register.name``, once per job."""
+        from dmipro.registry import Registry
+        from dmipro.storage import ProgramRecord
+
+        spec = self.runtime.spec
+        assert spec.registration is not None
+        registry = Registry(self.store.engine.url.render_as_string(hide_password=False))
+        name = spec.registration.name
+        try:
+            existing = [v for v in registry.versions(name) if v.job_id == self.job_id]
+        except DmiproError:  # the name does not exist yet
+            existing = []
+        if existing:  # a resumed coordinator that registered before it was stopped
+            info = existing[-1]
+            return {"name": name, "version": info.version, "deployed": info.deployed}
+        record = ProgramRecord.from_program(
+            result.program,
+            program_ref=spec.program,
+            job_id=self.job_id,
+            optimizer=spec.optimizer.model_dump(mode="json"),
+            baseline_score=result.baseline_score,
+            best_score=result.best_score,
+            lm=spec.lm.model_dump(mode="json", exclude_none=True),
+            datasets=self.runtime.data_fingerprints(),
+            history=[{"trial": k, **v} for k, v in sorted(result.trial_logs.items())],
+        )
+        info = registry.register(name, record, deploy=spec.registration.deploy)
+        return {"name": name, "version": info.version, "deployed": info.deployed}
 
     def _result(self, space: SearchSpace, study: Study, st: SearchState, stop_reason: str,
                 start: float) -> OptimizationResult:
