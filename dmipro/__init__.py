@@ -1,0 +1,96 @@
+"""dmipro: MIPROv2 prompt optimization for DSPy programs, run as a distributed job system.
+
+    import dmipro
+
+    result = dmipro.optimize("examples/math_qa/job.yaml")     # in this process, on threads
+    handle = dmipro.submit("examples/math_qa/job.yaml")       # on Celery workers
+    program = dmipro.load("math_qa")                           # the deployed version
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmipro.api import evaluate, optimize
+from dmipro.errors import (
+    ConfigError,
+    DatasetError,
+    DecodeError,
+    DmiproError,
+    EvaluationError,
+    ExecutorError,
+    JobNotFoundError,
+    JobSpecError,
+    LMError,
+    NotFoundError,
+    OptimizationError,
+    RateLimitError,
+    RefError,
+    RegistryError,
+    StorageError,
+    TaskError,
+)
+from dmipro.evaluate import EvaluationResult, Evaluator
+from dmipro.events import Event, Subscriber, bus
+from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, ThreadExecutor, make_executor
+from dmipro.jobs import Job, JobSpec, JobState, JobStore, load_job
+from dmipro.lm import Usage, build_lm
+from dmipro.teleprompt import MIPROv2, OptimizationResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DatasetError",
+    "DecodeError",
+    "DmiproError",
+    "EvaluationError",
+    "EvaluationResult",
+    "Evaluator",
+    "Event",
+    "ExecutorAdapter",
+    "ExecutorError",
+    "InlineExecutor",
+    "Job",
+    "JobNotFoundError",
+    "JobSpec",
+    "JobSpecError",
+    "JobState",
+    "JobStore",
+    "LMError",
+    "MIPROv2",
+    "NotFoundError",
+    "OptimizationError",
+    "OptimizationResult",
+    "RateLimitError",
+    "RefError",
+    "RegistryError",
+    "StorageError",
+    "Subscriber",
+    "TaskError",
+    "ThreadExecutor",
+    "Usage",
+    "__version__",
+    "build_lm",
+    "bus",
+    "evaluate",
+    "load",
+    "load_job",
+    "make_executor",
+    "optimize",
+    "submit",
+]
+
+
+def load(spec: str) -> Any:
+    """The deployed version of a registered program (``"math_qa"``) or a given one (``"math_qa@3"``)."""
+    from dmipro.registry import load as registry_load
+
+    return registry_load(spec)
+
+
+def submit(spec: Any, *, executor: str = "celery", job_id: str | None = None) -> Any:
+    """Validate a job and enqueue it on Celery or RQ workers; returns a handle (status, wait, result, cancel)."""
+    from dmipro.jobs.submit import submit as submit_job
+
+    return submit_job(spec, executor=executor, job_id=job_id)

@@ -11,9 +11,9 @@ from dmipro.errors import JobSpecError
 from dmipro.evaluate import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
 from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime
-from dmipro.teleprompt._coordinator import Coordinator, OptimizationResult, ProgressFn
+from dmipro.teleprompt._coordinator import Coordinator, OptimizationResult, ProgressFn, plan_for
 
-__all__ = ["JobSource", "evaluate", "optimize", "resolve_job"]
+__all__ = ["JobSource", "check_plan", "evaluate", "optimize", "resolve_job"]
 
 JobSource = str | Path | dict[str, Any] | Job
 
@@ -53,6 +53,13 @@ def evaluate(source: JobSource, *, executor: str | ExecutorAdapter | None = None
             ex.close()
 
 
+def check_plan(job: Job) -> None:
+    """Raise before anything is written if MIPROv2 cannot run this job (sizes, settings)."""
+    from dmipro.jobs.runtime import JobRuntime
+
+    plan_for(JobRuntime("check", job.spec))
+
+
 def optimize(source: JobSource, *, executor: str | ExecutorAdapter | None = None, job_id: str | None = None,
              out: str | Path | None = None, concurrency: int | None = None,
              on_progress: ProgressFn | None = None) -> OptimizationResult:
@@ -65,6 +72,7 @@ def optimize(source: JobSource, *, executor: str | ExecutorAdapter | None = None
     """
     job = resolve_job(source)
     spec = job.spec
+    check_plan(job)
     store = JobStore()
     record = store.find(job_id) if job_id else None
     if record is None:

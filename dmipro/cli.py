@@ -265,3 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(str(exc).split())
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

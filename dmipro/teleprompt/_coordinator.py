@@ -36,7 +36,7 @@ from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run, rng_for
 from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind
 from dmipro.tracing import span
 
-__all__ = ["Coordinator", "OptimizationResult", "PhaseStats"]
+__all__ = ["Coordinator", "OptimizationResult", "PhaseStats", "plan_for"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class OptimizationResult:
     wall_s: float
     program_path: str | None = None
     registered: dict[str, Any] | None = None
+    val_ids: list[int] = field(default_factory=list)
+    """Indices of the validation examples the scores are computed on."""
 
     @property
     def usage(self) -> Usage:
@@ -118,10 +120,32 @@ class OptimizationResult:
         """What the job row keeps (no program objects)."""
         return {
             **self.summary(),
+            "val_ids": self.val_ids,
             "best_candidate": self.best_candidate,
             "phases": {k: v.to_json() for k, v in self.phases.items()},
             "trial_logs": {str(k): v for k, v in self.trial_logs.items()},
         }
+
+
+def plan_for(runtime: JobRuntime) -> RunPlan:
+    """The run plan of a job (sizes, trials, validation ids); raises OptimizationError if it cannot run."""
+    opt = runtime.spec.optimizer
+    val_size = len(runtime.split("val"))
+    if val_size < 2:
+        raise OptimizationError(f"the valset has {val_size} example; MIPROv2 needs at least 2")
+    return plan_run(
+        auto=opt.auto,
+        num_candidates=opt.num_candidates,
+        num_trials=opt.num_trials,
+        num_predictors=len(runtime.fresh_program().named_predictors()),
+        val_size=val_size,
+        max_bootstrapped_demos=opt.max_bootstrapped_demos,
+        max_labeled_demos=opt.max_labeled_demos,
+        minibatch=opt.minibatch,
+        minibatch_size=opt.minibatch_size,
+        minibatch_full_eval_steps=opt.minibatch_full_eval_steps,
+        seed=opt.seed,
+    )
 
 
 class _Budget:
@@ -229,19 +253,7 @@ class Coordinator:
             return self._search(space, start)
 
     def _plan(self, program: Any) -> RunPlan:
-        return plan_run(
-            auto=self.opt.auto,
-            num_candidates=self.opt.num_candidates,
-            num_trials=self.opt.num_trials,
-            num_predictors=len(self.predictors),
-            val_size=len(self.runtime.split("val")),
-            max_bootstrapped_demos=self.opt.max_bootstrapped_demos,
-            max_labeled_demos=self.opt.max_labeled_demos,
-            minibatch=self.opt.minibatch,
-            minibatch_size=self.opt.minibatch_size,
-            minibatch_full_eval_steps=self.opt.minibatch_full_eval_steps,
-            seed=self.seed,
-        )
+        return plan_for(self.runtime)
 
     def _phase(self, name: str, body: Callable[[PhaseStats], dict[str, Any]]) -> dict[str, Any]:
         saved = self.store.load_checkpoint(self.job_id, name)
@@ -469,6 +481,10 @@ class Coordinator:
                       trial=",".join(str(t.number + 1) for t in trials)):
                 results = self._evaluate(evaluator, requests)
             for t, res in zip(trials, results, strict=True):
+                if t.user_attrs.get("kind") == TrialKind.BASELINE and res.n and res.errors == res.n:
+                    first_error = next(r.error for r in res.results if r.error)
+                    raise OptimizationError(f"the program failed on every validation example; first error: "
+                                            f"{first_error}")
                 stats.task_lm.add(res.usage)
                 eval_calls += res.usage.calls
                 eval_examples += res.n - res.cached
@@ -603,4 +619,5 @@ class Coordinator:
             candidate_programs=candidate_programs,
             mb_candidate_programs=mb_candidate_programs,
             wall_s=time.perf_counter() - start,
+            val_ids=list(self.plan.val_ids),
         )

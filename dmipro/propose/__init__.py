@@ -1,0 +1,25 @@
+"""The grounded proposer: dataset summary, program and module descriptions, instruction proposals."""
+
+from __future__ import annotations
+
+from dmipro.propose.grounded import (
+    MAX_DATA_BATCHES,
+    TIPS,
+    choose_tip,
+    data_batches,
+    module_string,
+    program_code,
+    render_examples,
+    task_demos_for,
+)
+
+__all__ = [
+    "MAX_DATA_BATCHES",
+    "TIPS",
+    "choose_tip",
+    "data_batches",
+    "module_string",
+    "program_code",
+    "render_examples",
+    "task_demos_for",
+]
