@@ -1,10 +1,10 @@
 """dmipro: MIPROv2 prompt optimization for DSPy programs, run as a distributed job system.
 
-    import dmipro
+import dmipro
 
-    result = dmipro.optimize("examples/math_qa/job.yaml")     # in this process, on threads
-    handle = dmipro.submit("examples/math_qa/job.yaml")       # on Celery workers
-    program = dmipro.load("math_qa")                           # the deployed version
+result = dmipro.optimize("examples/math_qa/job.yaml")     # in this process, on threads
+handle = dmipro.submit("examples/math_qa/job.yaml")       # on Celery workers
+program = dmipro.load("math_qa")                           # the deployed version
 """
 
 from __future__ import annotations
@@ -90,7 +90,10 @@ def load(spec: str) -> Any:
 
 
 def submit(spec: Any, *, executor: str = "celery", job_id: str | None = None) -> Any:
-    """Validate a job and enqueue it on Celery or RQ workers; returns a handle (status, wait, result, cancel)."""
+    """Validate a job and enqueue it on Celery or RQ workers.
+
+    Returns a handle with ``status()``, ``wait()``, ``result()`` and ``cancel()``.
+    """
     from dmipro.jobs.submit import submit as submit_job
 
     return submit_job(spec, executor=executor, job_id=job_id)

@@ -23,18 +23,26 @@ def resolve_job(source: JobSource) -> Job:
     return source if isinstance(source, Job) else load_job(source)
 
 
-def evaluate(source: JobSource, *, executor: str | ExecutorAdapter | None = None, split: str = "val",
-             concurrency: int | None = None) -> EvaluationResult:
+def evaluate(
+    source: JobSource,
+    *,
+    executor: str | ExecutorAdapter | None = None,
+    split: str = "val",
+    concurrency: int | None = None,
+) -> EvaluationResult:
     """Evaluate the job's unoptimized program on its valset (or another split).
 
-    Without a valset, the last 80% of the trainset is the valset (DSPy's rule). Remote executors get a job row so their
+    Without a valset, the last 80% of the trainset is the valset (DSPy's rule).
+    Remote executors get a job row so their
     workers can load the job; in-process executors write nothing.
     """
     job = resolve_job(source)
     spec = job.spec
     owned = not isinstance(executor, ExecutorAdapter)
-    ex = executor if isinstance(executor, ExecutorAdapter) else make_executor(
-        executor or spec.executor.backend, concurrency or spec.executor.concurrency
+    ex = (
+        executor
+        if isinstance(executor, ExecutorAdapter)
+        else make_executor(executor or spec.executor.backend, concurrency or spec.executor.concurrency)
     )
     try:
         if ex.remote:
@@ -42,8 +50,9 @@ def evaluate(source: JobSource, *, executor: str | ExecutorAdapter | None = None
         else:
             job_id = f"{spec.name}-eval-{uuid.uuid4().hex[:8]}"
         runtime = register_runtime(job_id, spec)
-        evaluator = Evaluator(job_id, ex, split=split, size=len(runtime.split(split)),
-                              chunk_size=spec.executor.chunk_size)
+        evaluator = Evaluator(
+            job_id, ex, split=split, size=len(runtime.split(split)), chunk_size=spec.executor.chunk_size
+        )
         start = time.perf_counter()
         result = evaluator()
         result.wall_s = time.perf_counter() - start
@@ -60,9 +69,15 @@ def check_plan(job: Job) -> None:
     plan_for(JobRuntime("check", job.spec))
 
 
-def optimize(source: JobSource, *, executor: str | ExecutorAdapter | None = None, job_id: str | None = None,
-             out: str | Path | None = None, concurrency: int | None = None,
-             on_progress: ProgressFn | None = None) -> OptimizationResult:
+def optimize(
+    source: JobSource,
+    *,
+    executor: str | ExecutorAdapter | None = None,
+    job_id: str | None = None,
+    out: str | Path | None = None,
+    concurrency: int | None = None,
+    on_progress: ProgressFn | None = None,
+) -> OptimizationResult:
     """Run MIPROv2 on a job in this process (its tasks on ``executor``); returns the result.
 
     ``job_id`` of an earlier run of the same job resumes it: finished phases are not
@@ -76,17 +91,29 @@ def optimize(source: JobSource, *, executor: str | ExecutorAdapter | None = None
     store = JobStore()
     record = store.find(job_id) if job_id else None
     if record is None:
-        record = store.create(name=spec.name, spec=job.to_json(), executor=spec.executor.backend, job_id=job_id)
+        record = store.create(
+            name=spec.name, spec=job.to_json(), executor=spec.executor.backend, job_id=job_id
+        )
     elif record.spec != job.to_json():
-        raise JobSpecError(f"job {job_id} was started from a different spec; resume it with the same job "
-                           "file and data, or start a new job without --job-id")
-    ex = executor if isinstance(executor, ExecutorAdapter) else make_executor(
-        executor or spec.executor.backend, concurrency or spec.executor.concurrency
+        raise JobSpecError(
+            f"job {job_id} was started from a different spec; resume it with the same job "
+            "file and data, or start a new job without --job-id"
+        )
+    ex = (
+        executor
+        if isinstance(executor, ExecutorAdapter)
+        else make_executor(executor or spec.executor.backend, concurrency or spec.executor.concurrency)
     )
     try:
         runtime = register_runtime(record.id, spec)
-        return Coordinator(record.id, runtime, ex, store=store, on_progress=on_progress,
-                           program_path=Path(out) if out else None).run()
+        return Coordinator(
+            record.id,
+            runtime,
+            ex,
+            store=store,
+            on_progress=on_progress,
+            program_path=Path(out) if out else None,
+        ).run()
     finally:
         if not isinstance(executor, ExecutorAdapter):
             ex.close()

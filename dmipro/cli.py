@@ -36,6 +36,7 @@ def _mount() -> None:
     app.command("export")(export_command)
     app.command("import")(import_command)
 
+
 console = Console(stderr=True)
 _mount()
 
@@ -59,12 +60,14 @@ def validate(job: JobPath, as_json: JsonFlag = False) -> None:
     loaded = load_job(job)
     if as_json:
         spec = loaded.spec
-        emit_json({
-            "ok": True,
-            "name": spec.name,
-            "trainset": len(spec.trainset),
-            "valset": len(spec.valset) if isinstance(spec.valset, list) else 0,
-        })
+        emit_json(
+            {
+                "ok": True,
+                "name": spec.name,
+                "trainset": len(spec.trainset),
+                "valset": len(spec.valset) if isinstance(spec.valset, list) else 0,
+            }
+        )
     else:
         print("ok")
 
@@ -107,9 +110,14 @@ class _ProgressView:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            TextColumn("[bold]{task.fields[phase]:<9}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-            console=console, disable=not enabled, transient=False,
+            TextColumn("[bold]{task.fields[phase]:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
         )
         self.task = self.progress.add_task("optimize", total=None, phase="starting", detail="")
 
@@ -127,8 +135,13 @@ class _ProgressView:
         if info.get("best_score") is not None:
             detail.append(f"best {info['best_score']:.1f}")
         detail.append(f"{info.get('lm_calls', 0)} LM calls")
-        self.progress.update(self.task, phase=info.get("phase", ""), detail="  ".join(detail),
-                             total=info.get("trials_total"), completed=info.get("trials_done", 0))
+        self.progress.update(
+            self.task,
+            phase=info.get("phase", ""),
+            detail="  ".join(detail),
+            total=info.get("trials_total"),
+            completed=info.get("trials_done", 0),
+        )
 
 
 def _print_result(result: Any, as_json: bool, extra: dict[str, Any] | None = None) -> None:
@@ -144,8 +157,9 @@ def _print_result(result: Any, as_json: bool, extra: dict[str, Any] | None = Non
     table.add_column("optimized", justify="right")
     table.add_row("valset score", f"{result.baseline_score:.2f}", f"[bold green]{result.best_score:.2f}")
     if extra and "test_baseline_score" in extra:
-        table.add_row("test score", f"{extra['test_baseline_score']:.2f}",
-                      f"[bold green]{extra['test_best_score']:.2f}")
+        table.add_row(
+            "test score", f"{extra['test_baseline_score']:.2f}", f"[bold green]{extra['test_best_score']:.2f}"
+        )
     Console().print(table)
     usage = result.usage
     console.print(
@@ -163,7 +177,9 @@ def optimize(
     job: JobPath,
     executor: ExecutorOpt = None,
     concurrency: Annotated[int | None, typer.Option(help="Executor slots (default: the job's).")] = None,
-    job_id: Annotated[str | None, typer.Option("--job-id", help="Resume this job, or name a new one.")] = None,
+    job_id: Annotated[
+        str | None, typer.Option("--job-id", help="Resume this job, or name a new one.")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the optimized program here.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -171,7 +187,9 @@ def optimize(
     from dmipro.api import optimize as run
 
     with _ProgressView(enabled=not as_json) as view:
-        result = run(job, executor=executor, job_id=job_id, out=out, concurrency=concurrency, on_progress=view)
+        result = run(
+            job, executor=executor, job_id=job_id, out=out, concurrency=concurrency, on_progress=view
+        )
     _print_result(result, as_json)
 
 
@@ -189,8 +207,15 @@ def demo(
     job = load_job(path)
     with _ProgressView(enabled=not as_json) as view:
         result = run(job, out=out, on_progress=view)
-        view({"phase": "test", "trials_done": result.trials, "trials_total": result.trials,
-              "best_score": result.best_score, "lm_calls": result.usage.calls})
+        view(
+            {
+                "phase": "test",
+                "trials_done": result.trials,
+                "trials_total": result.trials,
+                "best_score": result.best_score,
+                "lm_calls": result.usage.calls,
+            }
+        )
         baseline_test = run_eval(job, split="test").score
         optimized = job.spec.model_copy(update={"registration": None})
         test = _evaluate_candidate(optimized, result.best_candidate)
@@ -237,13 +262,21 @@ def sim_serve(
     from dmipro.lm.server import run_server
 
     console.print(f"simulated LM on http://{host}:{port}/v1 (models: sim-math, ...); Ctrl+C stops")
-    run_server(host, port, latency_ms=latency_ms, latency_dist=latency_dist,
-               rate_limit_rate=rate_limit_rate, server_error_rate=server_error_rate, seed=seed)
+    run_server(
+        host,
+        port,
+        latency_ms=latency_ms,
+        latency_dist=latency_dist,
+        rate_limit_rate=rate_limit_rate,
+        server_error_rate=server_error_rate,
+        seed=seed,
+    )
 
 
 @sim_app.command("describe")
-def sim_describe(task: Annotated[str, typer.Option(help="Simulated task.")] = "math",
-                 as_json: JsonFlag = False) -> None:
+def sim_describe(
+    task: Annotated[str, typer.Option(help="Simulated task.")] = "math", as_json: JsonFlag = False
+) -> None:
     """Show the simulator's response surface: what helps, what hurts, where the optimum is."""
     from dmipro.lm._sim import describe
 

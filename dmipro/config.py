@@ -89,7 +89,9 @@ class Settings(BaseModel):
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(f"setting {where}: {err['msg']} (from {path} or DMIPRO_{where.upper()})") from exc
+            raise ConfigError(
+                f"setting {where}: {err['msg']} (from {path} or DMIPRO_{where.upper()})"
+            ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

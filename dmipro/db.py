@@ -64,7 +64,9 @@ def _new_engine(url: str) -> Engine:
     try:
         engine = create_engine(url, **kwargs)
     except Exception as exc:  # a missing driver, a malformed URL
-        raise ConfigError(f"cannot open database {parsed.render_as_string(hide_password=True)}: {exc}") from exc
+        raise ConfigError(
+            f"cannot open database {parsed.render_as_string(hide_password=True)}: {exc}"
+        ) from exc
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine

@@ -76,7 +76,7 @@ class ScoreCache(Protocol):
 
     def get(self, fingerprint: str) -> dict[str, tuple[float, str | None]]: ...
 
-    def put(self, fingerprint: str, rows: list[tuple[str, float, str | None]]) -> None: ...
+    def put(self, fingerprint: str, rows: Sequence[tuple[str, float, str | None]]) -> None: ...
 
 
 class StoreScoreCache:
@@ -86,9 +86,12 @@ class StoreScoreCache:
         self.store, self.job_id, self.split = store, job_id, split
 
     def get(self, fingerprint: str) -> dict[str, tuple[float, str | None]]:
-        return self.store.cached_scores(self.job_id, f"{self.split}:{fingerprint}")
+        scores: dict[str, tuple[float, str | None]] = self.store.cached_scores(
+            self.job_id, f"{self.split}:{fingerprint}"
+        )
+        return scores
 
-    def put(self, fingerprint: str, rows: list[tuple[str, float, str | None]]) -> None:
+    def put(self, fingerprint: str, rows: Sequence[tuple[str, float, str | None]]) -> None:
         self.store.put_scores(self.job_id, f"{self.split}:{fingerprint}", rows)
 
 
@@ -116,16 +119,26 @@ class Evaluator:
         self.chunk_size = chunk_size
         self.cache = cache
 
-    def __call__(self, candidate: Candidate | None = None, example_ids: Sequence[int] | None = None,
-                 *, trial: int | None = None) -> EvaluationResult:
+    def __call__(
+        self,
+        candidate: Candidate | None = None,
+        example_ids: Sequence[int] | None = None,
+        *,
+        trial: int | None = None,
+    ) -> EvaluationResult:
         return self.evaluate_many([EvalRequest(candidate, example_ids, trial)])[0]
 
     def evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
         """Evaluate several candidates at once, sharing the executor's capacity."""
         from dmipro.tracing import span
 
-        with span("dmipro.evaluate", job_id=self.job_id, split=self.split, candidates=len(requests),
-                  trials=",".join(str(r.trial) for r in requests if r.trial is not None) or None):
+        with span(
+            "dmipro.evaluate",
+            job_id=self.job_id,
+            split=self.split,
+            candidates=len(requests),
+            trials=",".join(str(r.trial) for r in requests if r.trial is not None) or None,
+        ):
             return self._evaluate_many(requests)
 
     def _evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
@@ -141,8 +154,15 @@ class Evaluator:
                 if hit is not None:
                     scores[i] = ExampleScore(i, hit[0], hit[1])
             plans.append((req, ids, fp, scores, len(scores)))
-            bus.emit("dspy.evaluation.start", job_id=self.job_id, trial=req.trial, split=self.split,
-                     candidate=fp, n=len(ids), cached=len(scores))
+            bus.emit(
+                "dspy.evaluation.start",
+                job_id=self.job_id,
+                trial=req.trial,
+                split=self.split,
+                candidate=fp,
+                n=len(ids),
+                cached=len(scores),
+            )
 
         todo = [(k, [i for i in ids if i not in scores]) for k, (_, ids, _, scores, _) in enumerate(plans)]
         total = sum(len(ids) for _, ids in todo)
@@ -151,14 +171,16 @@ class Evaluator:
         for k, ids in todo:
             req = plans[k][0]
             for lo in range(0, len(ids), chunk):
-                payloads.append({
-                    "job": self.job_id,
-                    "split": self.split,
-                    "candidate": req.candidate,
-                    "example_ids": ids[lo:lo + chunk],
-                    "failure_score": self.failure_score,
-                    "trial": req.trial,
-                })
+                payloads.append(
+                    {
+                        "job": self.job_id,
+                        "split": self.split,
+                        "candidate": req.candidate,
+                        "example_ids": ids[lo : lo + chunk],
+                        "failure_score": self.failure_score,
+                        "trial": req.trial,
+                    }
+                )
                 owners.append(k)
 
         usages = [Usage() for _ in plans]
@@ -187,7 +209,13 @@ class Evaluator:
             ordered = [scores[i] for i in ids]
             score = round(100.0 * sum(r.score for r in ordered) / len(ordered), 2) if ordered else 0.0
             res = EvaluationResult(score, ordered, usages[k], wall, cached)
-            bus.emit("dspy.evaluation.batch_complete", job_id=self.job_id, trial=req.trial, split=self.split,
-                     candidate=fp, **res.to_json())
+            bus.emit(
+                "dspy.evaluation.batch_complete",
+                job_id=self.job_id,
+                trial=req.trial,
+                split=self.split,
+                candidate=fp,
+                **res.to_json(),
+            )
             out.append(res)
         return out

@@ -78,7 +78,7 @@ def current_trial() -> int | None:
 @contextmanager
 def correlate(*, job_id: str | None = None, trial: int | None = None) -> Iterator[None]:
     """Attach ``job_id`` and/or ``trial`` to every event emitted inside the block."""
-    tokens = []
+    tokens: list[tuple[ContextVar[Any], Any]] = []
     if job_id is not None:
         tokens.append((_job_id, _job_id.set(job_id)))
     if trial is not None:

@@ -20,7 +20,9 @@ from dmipro.errors import RefError
 
 __all__ = ["check_allowed", "ensure_importable", "import_ref", "is_ref", "parse_ref", "ref_of"]
 
-_REF = re.compile(r"^(?P<module>[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*):(?P<attr>[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)$")
+_REF = re.compile(
+    r"^(?P<module>[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*):(?P<attr>[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)$"
+)
 
 
 def is_ref(value: object) -> bool:
@@ -43,7 +45,8 @@ def check_allowed(module: str, allowed: Iterable[str] | None = None, *, field: s
         return
     shown = ",".join(prefixes) or "(none)"
     raise RefError(
-        f"module {module!r} is not in DMIPRO_ALLOWED_MODULES ({shown}); add its package prefix there to allow it",
+        f"module {module!r} is not in DMIPRO_ALLOWED_MODULES ({shown}); "
+        "add its package prefix there to allow it",
         field=field,
     )
 
@@ -55,7 +58,9 @@ def import_ref(ref: str, *, allowed: Iterable[str] | None = None, field: str | N
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise RefError(f"cannot import {module_name!r} ({exc}); check the module path and sys.path", field=field) from exc
+        raise RefError(
+            f"cannot import {module_name!r} ({exc}); check the module path and sys.path", field=field
+        ) from exc
     except Exception as exc:  # the module itself failed while importing
         raise RefError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}", field=field) from exc
     for part in attr_path.split("."):

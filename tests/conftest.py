@@ -110,8 +110,6 @@ def redis_server() -> Iterator[str]:
     proc.wait(10)
 
 
-
-
 @pytest.fixture
 def redis_url(redis_server: str) -> Iterator[str]:
     """A flushed Redis database for one test."""

@@ -7,7 +7,14 @@ from dmipro.executor_adapters.base import ExecutorAdapter, encode_payload
 from dmipro.executor_adapters.inline import InlineExecutor
 from dmipro.executor_adapters.thread import ThreadExecutor
 
-__all__ = ["BACKENDS", "ExecutorAdapter", "InlineExecutor", "ThreadExecutor", "encode_payload", "make_executor"]
+__all__ = [
+    "BACKENDS",
+    "ExecutorAdapter",
+    "InlineExecutor",
+    "ThreadExecutor",
+    "encode_payload",
+    "make_executor",
+]
 
 BACKENDS = ("inline", "thread", "celery", "rq")
 

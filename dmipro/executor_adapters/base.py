@@ -55,7 +55,6 @@ class ExecutorAdapter:
     def submit(self, task: str, payload: dict[str, Any]) -> Future[dict[str, Any]]:
         """Ship one task; the future resolves to its JSON result."""
         from dmipro.tasks import get_task
-
         from dmipro.tracing import inject
 
         get_task(task)  # an unknown name fails here, in the caller, not on a worker

@@ -35,7 +35,9 @@ def load_records(source: Any, *, base_dir: Path, field: str) -> list[dict[str, A
         if hasattr(rec, "toDict"):
             rec = rec.toDict()
         if not isinstance(rec, dict):
-            raise DatasetError(f"record {i} is a {type(rec).__name__}, expected an object of fields", field=field)
+            raise DatasetError(
+                f"record {i} is a {type(rec).__name__}, expected an object of fields", field=field
+            )
         out.append(rec)
     if not out:
         raise DatasetError("the dataset is empty; give it at least one example", field=field)

@@ -82,8 +82,9 @@ def build_program(ref: str, *, field: str = "program") -> Any:
     if isinstance(obj, type) and not issubclass(obj, dspy.Module):
         raise RefError(f"{ref} is a class that is not a dspy.Module", field=field)
     if not callable(obj):
-        raise RefError(f"{ref} is a {type(obj).__name__}; expected a dspy.Module or a zero-argument factory",
-                       field=field)
+        raise RefError(
+            f"{ref} is a {type(obj).__name__}; expected a dspy.Module or a zero-argument factory", field=field
+        )
     try:
         program = obj()
     except TypeError as exc:
@@ -121,8 +122,9 @@ def _check_lm(cfg: LMConfig, field: str) -> None:
 
         unknown = sorted(set(cfg.sim or {}) - set(SIM_OPTIONS))
         if unknown:
-            raise JobSpecError(f"unknown simulator option(s) {unknown}; known: {sorted(SIM_OPTIONS)}",
-                               field=f"{field}.sim")
+            raise JobSpecError(
+                f"unknown simulator option(s) {unknown}; known: {sorted(SIM_OPTIONS)}", field=f"{field}.sim"
+            )
     elif cfg.sim is not None:
         raise JobSpecError("sim options apply only to sim/* models", field=f"{field}.sim")
 
@@ -151,8 +153,10 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
     inputs, labels = required_fields(program)
     extra_keys = sorted(set(spec.input_keys) - inputs)
     if extra_keys:
-        raise JobSpecError(f"{extra_keys} are not input fields of the program (its inputs: {sorted(inputs)})",
-                           field="input_keys")
+        raise JobSpecError(
+            f"{extra_keys} are not input fields of the program (its inputs: {sorted(inputs)})",
+            field="input_keys",
+        )
     missing_keys = sorted(inputs - set(spec.input_keys))
     if missing_keys:
         raise JobSpecError(f"the program reads {missing_keys}; add them to input_keys", field="input_keys")

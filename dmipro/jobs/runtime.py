@@ -27,8 +27,16 @@ _PROGRAM_CACHE_SIZE = 256
 class JobRuntime:
     """A job's program, metric, examples and LMs, ready to run tasks. Thread-safe."""
 
-    def __init__(self, job_id: str, spec: JobSpec, *, program: Any = None, metric: Any = None,
-                 task_lm: Any = None, prompt_lm: Any = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        *,
+        program: Any = None,
+        metric: Any = None,
+        task_lm: Any = None,
+        prompt_lm: Any = None,
+    ) -> None:
         """Build from the spec's references, or from objects given in-process (``MIPROv2.compile``)."""
         import dspy
 
@@ -49,7 +57,10 @@ class JobRuntime:
 
             # DSPy's rule: without a valset, the last 80% of the trainset validates.
             cut, _ = default_split(len(self.examples["train"]))
-            self.examples["train"], self.examples["val"] = self.examples["train"][:cut], self.examples["train"][cut:]
+            self.examples["train"], self.examples["val"] = (
+                self.examples["train"][:cut],
+                self.examples["train"][cut:],
+            )
         self.task_lm = task_lm if task_lm is not None else build_lm(spec.lm)
         self.prompt_lm = prompt_lm if prompt_lm is not None else build_lm(spec.effective_prompt_lm)
         self._lock = threading.Lock()
@@ -90,8 +101,10 @@ class JobRuntime:
         try:
             return self.examples[name]
         except KeyError:
-            raise JobSpecError(f"the job has no {name} split; add {SPLITS.get(name, name)}: to the job",
-                               field=SPLITS.get(name)) from None
+            raise JobSpecError(
+                f"the job has no {name} split; add {SPLITS.get(name, name)}: to the job",
+                field=SPLITS.get(name),
+            ) from None
 
 
 _lock = threading.Lock()

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,7 +23,7 @@ from dmipro.errors import JobNotFoundError
 __all__ = ["JobRecord", "JobState", "JobStore", "new_job_id"]
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     """Lifecycle of a job."""
 
     QUEUED = "queued"
@@ -115,7 +115,9 @@ class JobStore:
         self.engine = get_engine(url)
 
     # jobs -----------------------------------------------------------------
-    def create(self, *, name: str, spec: dict[str, Any], executor: str, job_id: str | None = None) -> JobRecord:
+    def create(
+        self, *, name: str, spec: dict[str, Any], executor: str, job_id: str | None = None
+    ) -> JobRecord:
         now = time.time()
         row = {
             "id": job_id or new_job_id(name),
@@ -136,7 +138,7 @@ class JobStore:
         }
         with self.engine.begin() as conn:
             conn.execute(jobs_table.insert().values(**row))
-        return self.get(row["id"])
+        return self.get(str(row["id"]))
 
     def find(self, job_id: str) -> JobRecord | None:
         with self.engine.connect() as conn:
@@ -155,9 +157,11 @@ class JobStore:
 
     def list(self, limit: int = 50) -> list[JobRecord]:
         with self.engine.connect() as conn:
-            ids = conn.execute(
-                sa.select(jobs_table.c.id).order_by(jobs_table.c.created_at.desc()).limit(limit)
-            ).scalars().all()
+            ids = (
+                conn.execute(sa.select(jobs_table.c.id).order_by(jobs_table.c.created_at.desc()).limit(limit))
+                .scalars()
+                .all()
+            )
         return [self.get(i) for i in ids]
 
     def update(self, job_id: str, **fields: Any) -> None:
@@ -191,8 +195,9 @@ class JobStore:
             fields["phase"] = phase
         self.update(job_id, **fields)
 
-    def finish(self, job_id: str, state: JobState, *, result: dict[str, Any] | None = None,
-               error: str | None = None) -> None:
+    def finish(
+        self, job_id: str, state: JobState, *, result: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
         self.update(job_id, state=state, result=result, error=error, finished_at=time.time())
 
     def request_cancel(self, job_id: str) -> JobRecord:
@@ -219,8 +224,11 @@ class JobStore:
                     (checkpoints_table.c.job_id == job_id) & (checkpoints_table.c.phase == phase)
                 )
             )
-            conn.execute(checkpoints_table.insert().values(job_id=job_id, phase=phase, data=data,
-                                                           created_at=time.time()))
+            conn.execute(
+                checkpoints_table.insert().values(
+                    job_id=job_id, phase=phase, data=data, created_at=time.time()
+                )
+            )
 
     def load_checkpoint(self, job_id: str, phase: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -243,8 +251,9 @@ class JobStore:
             ).all()
         return {r.example_id: (r.score, r.error) for r in rows}
 
-    def put_scores(self, job_id: str, fingerprint: str,
-                   rows: Iterable[tuple[str, float, str | None]]) -> None:
+    def put_scores(
+        self, job_id: str, fingerprint: str, rows: Iterable[tuple[str, float, str | None]]
+    ) -> None:
         """Cache per-example scores; a row already present is left as it is (idempotent)."""
         values = [
             {"job_id": job_id, "fingerprint": fingerprint, "example_id": eid, "score": score, "error": error}

@@ -35,7 +35,11 @@ def build_lm(config: Any) -> Any:
     """
     import dspy
 
-    kwargs = {k: v for k, v in config.model_dump(exclude_none=True).items() if k not in {"model", "sim", "api_key_env"}}
+    kwargs = {
+        k: v
+        for k, v in config.model_dump(exclude_none=True).items()
+        if k not in {"model", "sim", "api_key_env"}
+    }
     if config.is_sim:
         from dmipro.lm._sim import sim_lm
 

@@ -54,7 +54,9 @@ class ModelUsage:
         self.calls += other.calls
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
-        self.cost_usd = None if self.cost_usd is None or other.cost_usd is None else self.cost_usd + other.cost_usd
+        self.cost_usd = (
+            None if self.cost_usd is None or other.cost_usd is None else self.cost_usd + other.cost_usd
+        )
 
 
 @dataclass
@@ -128,7 +130,7 @@ class Usage:
         }
 
 
-class UsageMeter(UsageTracker):
+class UsageMeter(UsageTracker):  # type: ignore[misc]
     """DSPy usage tracker that also counts calls and prices them into a :class:`Usage`."""
 
     def __init__(self) -> None:

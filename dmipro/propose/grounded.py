@@ -76,7 +76,7 @@ def task_demos_for(predictor: Any, sets: list[list[dict[str, Any]]], set_index: 
 
     if set_index == 0 or not sets:
         return "No task demos provided."
-    ordered = [sets[set_index], *sets[set_index + 1:], *sets[:set_index]]
+    ordered = [sets[set_index], *sets[set_index + 1 :], *sets[:set_index]]
     rendered = []
     for demo_set in ordered:
         for demo in demo_set:

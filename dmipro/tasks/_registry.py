@@ -59,8 +59,9 @@ def execute(name: str, body: str) -> dict[str, Any]:
     except DmiproError:
         raise
     except Exception as exc:
-        raise TaskError(f"task {name} failed: {type(exc).__name__}: {exc}", task=name,
-                        error_type=type(exc).__name__) from exc
+        raise TaskError(
+            f"task {name} failed: {type(exc).__name__}: {exc}", task=name, error_type=type(exc).__name__
+        ) from exc
     try:
         decoded: dict[str, Any] = json.loads(json.dumps(result, allow_nan=False))
     except (TypeError, ValueError) as exc:

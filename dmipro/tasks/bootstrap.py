@@ -28,8 +28,8 @@ def _quiet_bootstrap_module() -> None:
     """
     import dspy.teleprompt.bootstrap as module
 
-    module.tqdm = SimpleNamespace(tqdm=lambda iterable, *args, **kwargs: iterable)  # type: ignore[attr-defined]
-    module.print = lambda *args, **kwargs: log.debug(" ".join(str(a) for a in args))  # type: ignore[attr-defined]
+    module.tqdm = SimpleNamespace(tqdm=lambda iterable, *args, **kwargs: iterable)
+    module.print = lambda *args, **kwargs: log.debug(" ".join(str(a) for a in args))
 
 
 @task("bootstrap_demo_set")
@@ -53,8 +53,9 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
         if kind == "zeroshot":
             program = student.reset_copy()
         elif kind == "labeled":
-            program = LabeledFewShot(k=payload["max_labeled"]).compile(student, trainset=runtime.split("train"),
-                                                                      sample=True)
+            program = LabeledFewShot(k=payload["max_labeled"]).compile(
+                student, trainset=runtime.split("train"), sample=True
+            )
         else:
             trainset = list(runtime.split("train"))
             if payload.get("shuffle_seed") is not None:

@@ -34,8 +34,11 @@ def evaluate_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     program = runtime.program_for(payload.get("candidate"))
     failure = float(payload.get("failure_score", 0.0))
     results = []
-    with correlate(job_id=runtime.job_id, trial=payload.get("trial")), metered() as meter, \
-            dspy.context(lm=runtime.task_lm, trace=None):
+    with (
+        correlate(job_id=runtime.job_id, trial=payload.get("trial")),
+        metered() as meter,
+        dspy.context(lm=runtime.task_lm, trace=None),
+    ):
         for idx in payload["example_ids"]:
             score, error = score_example(runtime, program, examples[idx], failure)
             results.append({"id": idx, "score": score, "error": error})

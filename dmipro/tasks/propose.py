@@ -16,8 +16,9 @@ from dmipro.tasks._registry import task
 __all__ = ["describe_data", "describe_module", "describe_program", "propose_instruction", "summarize_data"]
 
 
-def _predict(runtime: JobRuntime, signature: Any, seed: int | None, temperature: float,
-             **inputs: Any) -> tuple[Any, dict[str, Any]]:
+def _predict(
+    runtime: JobRuntime, signature: Any, seed: int | None, temperature: float, **inputs: Any
+) -> tuple[Any, dict[str, Any]]:
     import dspy
 
     overrides: dict[str, Any] = {"temperature": temperature}
@@ -35,7 +36,7 @@ def describe_data(payload: dict[str, Any]) -> dict[str, Any]:
     from dspy.propose.dataset_summary_generator import DatasetDescriptor
 
     runtime = get_runtime(payload["job"])
-    batch = runtime.split("train")[payload["start"]:payload["stop"]]
+    batch = runtime.split("train")[payload["start"] : payload["stop"]]
     pred, usage = _predict(runtime, DatasetDescriptor, None, 1.0, examples=render_examples(batch))
     return {"observations": str(pred.observations), "usage": usage}
 
@@ -58,8 +59,14 @@ def describe_program(payload: dict[str, Any]) -> dict[str, Any]:
     from dspy.propose.utils import strip_prefix
 
     runtime = get_runtime(payload["job"])
-    pred, usage = _predict(runtime, DescribeProgram, payload.get("seed"), payload.get("temperature", 1.0),
-                           program_code=payload["program_code"], program_example=payload["program_example"])
+    pred, usage = _predict(
+        runtime,
+        DescribeProgram,
+        payload.get("seed"),
+        payload.get("temperature", 1.0),
+        program_code=payload["program_code"],
+        program_example=payload["program_example"],
+    )
     return {"program_description": str(strip_prefix(pred.program_description)), "usage": usage}
 
 
@@ -70,9 +77,14 @@ def describe_module(payload: dict[str, Any]) -> dict[str, Any]:
 
     runtime = get_runtime(payload["job"])
     pred, usage = _predict(
-        runtime, DescribeModule, payload.get("seed"), payload.get("temperature", 1.0),
-        program_code=payload["program_code"], program_example=payload["program_example"],
-        program_description=payload["program_description"], module=payload["module"],
+        runtime,
+        DescribeModule,
+        payload.get("seed"),
+        payload.get("temperature", 1.0),
+        program_code=payload["program_code"],
+        program_example=payload["program_example"],
+        program_description=payload["program_description"],
+        module=payload["module"],
     )
     return {"module_description": str(pred.module_description), "usage": usage}
 
@@ -96,7 +108,9 @@ def propose_instruction(payload: dict[str, Any]) -> dict[str, Any]:
         use_instruct_history=False,
         use_tip="tip" in ctx,
     )
-    pred, usage = _predict(runtime, predictor.signature, payload["seed"], payload.get("temperature", 1.0), **ctx)
+    pred, usage = _predict(
+        runtime, predictor.signature, payload["seed"], payload.get("temperature", 1.0), **ctx
+    )
     return {
         "predictor": payload["predictor"],
         "index": payload["index"],

@@ -13,8 +13,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dmipro.errors import DmiproError, OptimizationError, TaskError
@@ -174,9 +174,16 @@ class Coordinator:
 
     PHASES = ("bootstrap", "propose", "search")
 
-    def __init__(self, job_id: str, runtime: JobRuntime, executor: ExecutorAdapter, *,
-                 store: JobStore | None = None, on_progress: ProgressFn | None = None,
-                 program_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        runtime: JobRuntime,
+        executor: ExecutorAdapter,
+        *,
+        store: JobStore | None = None,
+        on_progress: ProgressFn | None = None,
+        program_path: Path | None = None,
+    ) -> None:
         self.job_id = job_id
         self.program_path = program_path
         self.runtime = runtime
@@ -220,10 +227,16 @@ class Coordinator:
         """Run (or resume) the job to the end; the job row says how it ended."""
         start = time.perf_counter()
         self.store.start(self.job_id, self.executor.name)
-        with correlate(job_id=self.job_id), span("dmipro.optimize", job_id=self.job_id,
-                                                 executor=self.executor.name, optimizer="MIPROv2"):
-            bus.emit("dspy.optimization.start", optimizer="MIPROv2", executor=self.executor.name,
-                     settings=self.opt.model_dump(mode="json"))
+        with (
+            correlate(job_id=self.job_id),
+            span("dmipro.optimize", job_id=self.job_id, executor=self.executor.name, optimizer="MIPROv2"),
+        ):
+            bus.emit(
+                "dspy.optimization.start",
+                optimizer="MIPROv2",
+                executor=self.executor.name,
+                settings=self.opt.model_dump(mode="json"),
+            )
             try:
                 result = self._run(start)
                 self._save(result)
@@ -234,7 +247,9 @@ class Coordinator:
                 raise
             state = JobState.CANCELLED if result.stop_reason == "cancelled" else JobState.SUCCEEDED
             self.store.finish(self.job_id, state, result=result.to_json())
-            bus.emit("dspy.optimization.complete", **{k: v for k, v in result.summary().items() if k != "job_id"})
+            bus.emit(
+                "dspy.optimization.complete", **{k: v for k, v in result.summary().items() if k != "job_id"}
+            )
         return result
 
     def _run(self, start: float) -> OptimizationResult:
@@ -261,8 +276,9 @@ class Coordinator:
             self.phases[name] = PhaseStats.from_json(saved["stats"], resumed=True)
             return saved
         if self._budget.exhausted(self._total_usage()):
-            raise OptimizationError(f"the LM budget ran out before the {name} phase; raise max_lm_calls "
-                                    "or max_cost_usd")
+            raise OptimizationError(
+                f"the LM budget ran out before the {name} phase; raise max_lm_calls or max_cost_usd"
+            )
         stats = self.phases[name] = PhaseStats()
         t0 = time.perf_counter()
         with span(f"dmipro.phase.{name}", job_id=self.job_id):
@@ -274,9 +290,12 @@ class Coordinator:
 
     # -- phase 1 ---------------------------------------------------------------------
     def _bootstrap(self, stats: PhaseStats) -> dict[str, Any]:
-        plans = plan_demo_sets(self.plan.num_fewshot_candidates,
-                               max_bootstrapped=self.plan.bootstrap_max_bootstrapped,
-                               max_labeled=self.plan.bootstrap_max_labeled, seed=self.seed)
+        plans = plan_demo_sets(
+            self.plan.num_fewshot_candidates,
+            max_bootstrapped=self.plan.bootstrap_max_bootstrapped,
+            max_labeled=self.plan.bootstrap_max_labeled,
+            seed=self.seed,
+        )
         sets: dict[int, dict[str, list[dict[str, Any]]]] = {0: {n: [] for n in self.predictors}}
         payloads = [
             {
@@ -290,13 +309,17 @@ class Coordinator:
                 "metric_threshold": self.opt.metric_threshold,
                 "max_errors": self.opt.max_errors,
             }
-            for p in plans if p.kind != "zeroshot"
+            for p in plans
+            if p.kind != "zeroshot"
         ]
         for res in self._map("bootstrap_demo_set", payloads, stats.task_lm):
             sets[int(res["index"])] = res["demos"]
         demo_sets = {name: [sets[i][name] for i in range(len(plans))] for name in self.predictors}
-        bus.emit("dspy.optimization.bootstrap_complete", num_sets=len(plans),
-                 demos_per_set=[sum(len(sets[i][n]) for n in self.predictors) for i in range(len(plans))])
+        bus.emit(
+            "dspy.optimization.bootstrap_complete",
+            num_sets=len(plans),
+            demos_per_set=[sum(len(sets[i][n]) for n in self.predictors) for i in range(len(plans))],
+        )
         self._progress("propose")
         return {"demo_sets": demo_sets}
 
@@ -309,8 +332,11 @@ class Coordinator:
         per_predictor = min(self.plan.num_instruct_candidates, n_sets)
         code = program_code(program) if opt.program_aware_proposer else None
         first = preds[self.predictors[0]]
-        example = task_demos_for(first, demo_sets[self.predictors[0]], min(2, n_sets - 1)) if n_sets > 1 \
+        example = (
+            task_demos_for(first, demo_sets[self.predictors[0]], min(2, n_sets - 1))
+            if n_sets > 1
             else "No task demos provided."
+        )
 
         # Wave 1: observations on data batches, and the program description.
         wave1: list[tuple[str, dict[str, Any]]] = []
@@ -318,16 +344,32 @@ class Coordinator:
             for lo, hi in data_batches(len(self.runtime.split("train")), opt.view_data_batch_size):
                 wave1.append(("describe_data", {"job": job, "start": lo, "stop": hi}))
         if code is not None:
-            wave1.append(("describe_program", {"job": job, "program_code": code, "program_example": example,
-                                               "seed": rng_for(self.seed, "describe_program").randrange(10**9),
-                                               "temperature": opt.init_temperature}))
+            wave1.append(
+                (
+                    "describe_program",
+                    {
+                        "job": job,
+                        "program_code": code,
+                        "program_example": example,
+                        "seed": rng_for(self.seed, "describe_program").randrange(10**9),
+                        "temperature": opt.init_temperature,
+                    },
+                )
+            )
         out1 = self._run_mixed(wave1, stats)
         observations = "".join(
-            r["observations"] for (t, _), r in zip(wave1, out1, strict=True)
+            r["observations"]
+            for (t, _), r in zip(wave1, out1, strict=True)
             if t == "describe_data" and r and not r["observations"][:8].upper() == "COMPLETE"
         )
-        program_description = next((r["program_description"] for (t, _), r in zip(wave1, out1, strict=True)
-                                    if t == "describe_program" and r), None)
+        program_description = next(
+            (
+                r["program_description"]
+                for (t, _), r in zip(wave1, out1, strict=True)
+                if t == "describe_program" and r
+            ),
+            None,
+        )
 
         # Wave 2: the dataset summary, and each module's description.
         wave2: list[tuple[str, dict[str, Any]]] = []
@@ -335,18 +377,33 @@ class Coordinator:
             wave2.append(("summarize_data", {"job": job, "observations": observations}))
         if code is not None and program_description is not None:
             for i, name in enumerate(self.predictors):
-                wave2.append(("describe_module", {
-                    "job": job, "program_code": code, "program_example": example,
-                    "program_description": program_description, "module": module_string(preds[name]),
-                    "seed": rng_for(self.seed, "describe_module", i).randrange(10**9),
-                    "temperature": opt.init_temperature, "name": name,
-                }))
+                wave2.append(
+                    (
+                        "describe_module",
+                        {
+                            "job": job,
+                            "program_code": code,
+                            "program_example": example,
+                            "program_description": program_description,
+                            "module": module_string(preds[name]),
+                            "seed": rng_for(self.seed, "describe_module", i).randrange(10**9),
+                            "temperature": opt.init_temperature,
+                            "name": name,
+                        },
+                    )
+                )
         out2 = self._run_mixed(wave2, stats)
-        summary = next((r["summary"] for (t, _), r in zip(wave2, out2, strict=True) if t == "summarize_data" and r),
-                       None)
-        module_desc = {p["name"]: r["module_description"] for (t, p), r in zip(wave2, out2, strict=True)
-                       if t == "describe_module" and r}
-        program_aware = code is not None and program_description is not None and len(module_desc) == len(preds)
+        summary = next(
+            (r["summary"] for (t, _), r in zip(wave2, out2, strict=True) if t == "summarize_data" and r), None
+        )
+        module_desc = {
+            p["name"]: r["module_description"]
+            for (t, p), r in zip(wave2, out2, strict=True)
+            if t == "describe_module" and r
+        }
+        program_aware = (
+            code is not None and program_description is not None and len(module_desc) == len(preds)
+        )
 
         # Wave 3: every instruction proposal at once; candidate 0 is the original instruction.
         instructions = {name: [preds[name].signature.instructions] for name in self.predictors}
@@ -355,28 +412,46 @@ class Coordinator:
             for set_i in range(1, per_predictor):
                 ctx: dict[str, Any] = {
                     "task_demos": task_demos_for(preds[name], demo_sets[name], set_i)
-                    if opt.fewshot_aware_proposer else "No task demos provided.",
+                    if opt.fewshot_aware_proposer
+                    else "No task demos provided.",
                     "basic_instruction": preds[name].signature.instructions,
                 }
                 if summary is not None:
                     ctx["dataset_description"] = summary
                 if program_aware:
-                    ctx.update(program_code=code, program_description=program_description,
-                               module=module_string(preds[name]), module_description=module_desc[name])
+                    ctx.update(
+                        program_code=code,
+                        program_description=program_description,
+                        module=module_string(preds[name]),
+                        module_description=module_desc[name],
+                    )
                 tip = choose_tip(self.seed, i, set_i) if opt.tip_aware_proposer else ""
                 if tip:
                     ctx["tip"] = tip
-                payloads.append({"job": job, "predictor": name, "index": set_i, "context": ctx,
-                                 "seed": rng_for(self.seed, "proposal", i, set_i).randrange(10**9),
-                                 "temperature": opt.init_temperature})
+                payloads.append(
+                    {
+                        "job": job,
+                        "predictor": name,
+                        "index": set_i,
+                        "context": ctx,
+                        "seed": rng_for(self.seed, "proposal", i, set_i).randrange(10**9),
+                        "temperature": opt.init_temperature,
+                    }
+                )
         results = self._map("propose_instruction", payloads, stats.prompt_lm)
         for res in sorted(results, key=lambda r: (self.predictors.index(r["predictor"]), r["index"])):
             instructions[res["predictor"]].append(res["instruction"])
-        bus.emit("dspy.optimization.instruction_proposal_complete",
-                 num_instructions={k: len(v) for k, v in instructions.items()},
-                 dataset_summary=summary is not None, program_aware=program_aware)
-        return {"instructions": instructions, "dataset_summary": summary,
-                "program_description": program_description}
+        bus.emit(
+            "dspy.optimization.instruction_proposal_complete",
+            num_instructions={k: len(v) for k, v in instructions.items()},
+            dataset_summary=summary is not None,
+            program_aware=program_aware,
+        )
+        return {
+            "instructions": instructions,
+            "dataset_summary": summary,
+            "program_description": program_description,
+        }
 
     def _run_mixed(self, work: list[tuple[str, dict[str, Any]]], stats: PhaseStats) -> list[dict[str, Any]]:
         """Run a wave of different proposer tasks at once; a failed one gives ``{}`` (DSPy degrades too)."""
@@ -396,15 +471,25 @@ class Coordinator:
     # -- phase 3 ---------------------------------------------------------------------
     def _search(self, space: SearchSpace, start: float) -> OptimizationResult:
         saved = self.store.load_checkpoint(self.job_id, "search")
-        stats = self.phases["search"] = PhaseStats.from_json(saved["stats"], resumed=False) if saved \
-            else PhaseStats()
+        stats = self.phases["search"] = (
+            PhaseStats.from_json(saved["stats"], resumed=False) if saved else PhaseStats()
+        )
         t0 = time.perf_counter() - stats.wall_s
         plan = self.plan
-        study = Study(f"dmipro:{self.job_id}", str(self.store.engine.url.render_as_string(hide_password=False)),
-                      seed=self.seed, space=space)
-        evaluator = Evaluator(self.job_id, self.executor, split="val", size=len(self.runtime.split("val")),
-                              chunk_size=self.runtime.spec.executor.chunk_size,
-                              cache=StoreScoreCache(self.store, self.job_id, "val"))
+        study = Study(
+            f"dmipro:{self.job_id}",
+            str(self.store.engine.url.render_as_string(hide_password=False)),
+            seed=self.seed,
+            space=space,
+        )
+        evaluator = Evaluator(
+            self.job_id,
+            self.executor,
+            split="val",
+            size=len(self.runtime.split("val")),
+            chunk_size=self.runtime.spec.executor.chunk_size,
+            cache=StoreScoreCache(self.store, self.job_id, "val"),
+        )
         val_ids = list(plan.val_ids)
         stop_reason = "completed"
         eval_calls = eval_examples = 0
@@ -416,9 +501,13 @@ class Coordinator:
         while True:
             st = study.state()
             done = st.minibatch_done if plan.minibatch else st.full_done
-            self._progress("search", trials_done=done, trials_total=plan.num_trials,
-                           best_score=None if st.best_params is None else st.best_score,
-                           baseline_score=None if st.baseline is None else float(st.baseline.value))
+            self._progress(
+                "search",
+                trials_done=done,
+                trials_total=plan.num_trials,
+                best_score=None if st.best_params is None else st.best_score,
+                baseline_score=None if st.baseline is None else float(st.baseline.value),
+            )
             if self._cancelled():
                 stop_reason = "cancelled"
                 break
@@ -439,13 +528,22 @@ class Coordinator:
                     break
                 first = len(study.trials()) + 1
                 with span("dmipro.trial", job_id=self.job_id, kind=TrialKind.FULL, trial=first):
-                    results = evaluator.evaluate_many([EvalRequest(space.candidate(p), val_ids, trial=first + j)
-                                                       for j, (_, p) in enumerate(picks)])
+                    results = evaluator.evaluate_many(
+                        [
+                            EvalRequest(space.candidate(p), val_ids, trial=first + j)
+                            for j, (_, p) in enumerate(picks)
+                        ]
+                    )
                 for (key, params), res in zip(picks, results, strict=True):
                     stats.task_lm.add(res.usage)
                     study.add_full(params, res.score, st.batches)
-                    bus.emit("dspy.optimization.trial_complete", trial=len(study.trials()), kind=TrialKind.FULL,
-                             score=res.score, candidate=key)
+                    bus.emit(
+                        "dspy.optimization.trial_complete",
+                        trial=len(study.trials()),
+                        kind=TrialKind.FULL,
+                        score=res.score,
+                        candidate=key,
+                    )
                 save()
                 continue
 
@@ -468,29 +566,47 @@ class Coordinator:
                         break
                 kind = TrialKind.MINIBATCH if plan.minibatch else TrialKind.FULL
                 trials += [study.ask(kind, batch) for _ in range(max(0, k))]
-            mb_ids = rng_for(self.seed, "minibatch", batch).sample(val_ids, plan.minibatch_size) \
-                if plan.minibatch else val_ids
+            mb_ids = (
+                rng_for(self.seed, "minibatch", batch).sample(val_ids, plan.minibatch_size)
+                if plan.minibatch
+                else val_ids
+            )
             requests = []
             for t in trials:
                 kind = t.user_attrs.get("kind", TrialKind.MINIBATCH)
                 ids = val_ids if kind != TrialKind.MINIBATCH else mb_ids
                 requests.append(EvalRequest(space.candidate(t.params), ids, trial=t.number + 1))
-                bus.emit("dspy.optimization.trial_start", trial=t.number + 1, kind=kind,
-                         candidate=space.key(t.params))
-            with span("dmipro.trial", job_id=self.job_id, kind="batch", batch=batch,
-                      trial=",".join(str(t.number + 1) for t in trials)):
+                bus.emit(
+                    "dspy.optimization.trial_start",
+                    trial=t.number + 1,
+                    kind=kind,
+                    candidate=space.key(t.params),
+                )
+            with span(
+                "dmipro.trial",
+                job_id=self.job_id,
+                kind="batch",
+                batch=batch,
+                trial=",".join(str(t.number + 1) for t in trials),
+            ):
                 results = self._evaluate(evaluator, requests)
             for t, res in zip(trials, results, strict=True):
                 if t.user_attrs.get("kind") == TrialKind.BASELINE and res.n and res.errors == res.n:
                     first_error = next(r.error for r in res.results if r.error)
-                    raise OptimizationError(f"the program failed on every validation example; first error: "
-                                            f"{first_error}")
+                    raise OptimizationError(
+                        f"the program failed on every validation example; first error: {first_error}"
+                    )
                 stats.task_lm.add(res.usage)
                 eval_calls += res.usage.calls
                 eval_examples += res.n - res.cached
                 study.tell(t.number, res.score)
-                bus.emit("dspy.optimization.trial_complete", trial=t.number + 1,
-                         kind=t.user_attrs.get("kind"), score=res.score, candidate=space.key(t.params))
+                bus.emit(
+                    "dspy.optimization.trial_complete",
+                    trial=t.number + 1,
+                    kind=t.user_attrs.get("kind"),
+                    score=res.score,
+                    candidate=space.key(t.params),
+                )
             save()
 
         save()
@@ -581,24 +697,35 @@ class Coordinator:
         info = registry.register(name, record, deploy=spec.registration.deploy)
         return {"name": name, "version": info.version, "deployed": info.deployed}
 
-    def _result(self, space: SearchSpace, study: Study, st: SearchState, stop_reason: str,
-                start: float) -> OptimizationResult:
+    def _result(
+        self, space: SearchSpace, study: Study, st: SearchState, stop_reason: str, start: float
+    ) -> OptimizationResult:
         assert st.best_params is not None and st.baseline is not None
         best_candidate = space.candidate(st.best_params)
         program = apply_candidate(self.runtime.fresh_program(), best_candidate)
         trial_logs: dict[int, dict[str, Any]] = {}
-        full, mb = [], []
+        full: list[dict[str, Any]] = []
+        mb: list[dict[str, Any]] = []
         for t in study.trials():
             if t.value is None:
                 continue
             kind = t.user_attrs.get("kind")
-            entry = {"kind": kind, "score": float(t.value), "params": dict(t.params),
-                     "candidate": t.user_attrs.get("key"), "full_eval": kind != TrialKind.MINIBATCH}
+            entry = {
+                "kind": kind,
+                "score": float(t.value),
+                "params": dict(t.params),
+                "candidate": t.user_attrs.get("key"),
+                "full_eval": kind != TrialKind.MINIBATCH,
+            }
             trial_logs[t.number + 1] = entry
             (mb if kind == TrialKind.MINIBATCH else full).append(entry)
         candidate_programs = [
-            {"score": e["score"], "full_eval": True, "candidate": e["candidate"],
-             "program": apply_candidate(self.runtime.fresh_program(), space.candidate(e["params"]))}
+            {
+                "score": e["score"],
+                "full_eval": True,
+                "candidate": e["candidate"],
+                "program": apply_candidate(self.runtime.fresh_program(), space.candidate(e["params"])),
+            }
             for e in sorted(full, key=lambda e: -e["score"])
         ]
         mb_candidate_programs = [

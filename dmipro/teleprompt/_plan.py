@@ -55,7 +55,9 @@ def num_trials_for(num_predictors: int, zeroshot: bool, num_candidates: int) -> 
 def default_split(n: int) -> tuple[int, int]:
     """DSPy's split of a trainset when no valset is given: (train size, val size)."""
     if n < 2:
-        raise OptimizationError(f"the trainset has {n} example; at least 2 are needed when no valset is given")
+        raise OptimizationError(
+            f"the trainset has {n} example; at least 2 are needed when no valset is given"
+        )
     val = min(1000, max(1, int(n * 0.80)))
     return n - val, val
 
@@ -130,7 +132,9 @@ def plan_run(
         minibatch=minibatch,
         minibatch_size=minibatch_size,
         full_eval_steps=minibatch_full_eval_steps,
-        bootstrap_max_bootstrapped=BOOTSTRAPPED_FEWSHOT_EXAMPLES_IN_CONTEXT if zeroshot else max_bootstrapped_demos,
+        bootstrap_max_bootstrapped=BOOTSTRAPPED_FEWSHOT_EXAMPLES_IN_CONTEXT
+        if zeroshot
+        else max_bootstrapped_demos,
         bootstrap_max_labeled=LABELED_FEWSHOT_EXAMPLES_IN_CONTEXT if zeroshot else max_labeled_demos,
     )
 

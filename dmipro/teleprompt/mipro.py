@@ -85,7 +85,9 @@ class MIPROv2(Teleprompter):
         self.task_model = task_model or dspy.settings.lm
         self.prompt_model = prompt_model or dspy.settings.lm
         if self.task_model is None or self.prompt_model is None:
-            raise OptimizationError("no LM: pass task_model/prompt_model or call dspy.configure(lm=...) first")
+            raise OptimizationError(
+                "no LM: pass task_model/prompt_model or call dspy.configure(lm=...) first"
+            )
         self.teacher_settings = teacher_settings or {}
         self.max_bootstrapped_demos = max_bootstrapped_demos
         self.max_labeled_demos = max_labeled_demos
@@ -137,8 +139,9 @@ class MIPROv2(Teleprompter):
         if valset is not None and len(valset) == 0:
             raise OptimizationError("valset is empty; pass None to split it off the trainset")
         if teacher is not None:
-            raise OptimizationError("a teacher program object is not supported; name one with "
-                                    "optimizer.teacher in a job spec")
+            raise OptimizationError(
+                "a teacher program object is not supported; name one with optimizer.teacher in a job spec"
+            )
         if self.auto is not None and num_trials is not None:
             raise OptimizationError(
                 f"auto={self.auto!r} sets num_trials itself; pass auto=None to give num_trials={num_trials}"
@@ -149,7 +152,8 @@ class MIPROv2(Teleprompter):
                 seed=self.seed if seed is None else seed,
                 num_candidates=self.num_candidates,
                 num_trials=num_trials,
-                max_bootstrapped_demos=self.max_bootstrapped_demos if max_bootstrapped_demos is None
+                max_bootstrapped_demos=self.max_bootstrapped_demos
+                if max_bootstrapped_demos is None
                 else max_bootstrapped_demos,
                 max_labeled_demos=self.max_labeled_demos if max_labeled_demos is None else max_labeled_demos,
                 metric_threshold=self.metric_threshold,
@@ -171,8 +175,10 @@ class MIPROv2(Teleprompter):
             raise OptimizationError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
         executor = self.executor or "thread"
         if isinstance(executor, ExecutorAdapter) and executor.remote or executor in ("celery", "rq"):
-            raise OptimizationError("compile() runs with in-process objects; for celery or rq submit a job spec "
-                                    "(dmipro.submit) whose program and metric are importable references")
+            raise OptimizationError(
+                "compile() runs with in-process objects; for celery or rq submit a job spec "
+                "(dmipro.submit) whose program and metric are importable references"
+            )
         input_keys = sorted(trainset[0].inputs().keys())
 
         def records(examples: list[Any]) -> list[dict[str, Any]]:
@@ -204,13 +210,26 @@ class MIPROv2(Teleprompter):
         store = JobStore()
         job_id = job_id or f"{self.name}-{uuid.uuid4().hex[:12]}"
         if store.find(job_id) is None:
-            store.create(name=spec.name, spec=spec.model_dump(mode="json"), executor=spec.executor.backend,
-                         job_id=job_id)
-        runtime = register_runtime(job_id, spec, program=student, metric=self.metric,
-                                   task_lm=self.task_model, prompt_lm=self.prompt_model)
+            store.create(
+                name=spec.name,
+                spec=spec.model_dump(mode="json"),
+                executor=spec.executor.backend,
+                job_id=job_id,
+            )
+        runtime = register_runtime(
+            job_id,
+            spec,
+            program=student,
+            metric=self.metric,
+            task_lm=self.task_model,
+            prompt_lm=self.prompt_model,
+        )
         owned = not isinstance(executor, ExecutorAdapter)
-        ex = executor if isinstance(executor, ExecutorAdapter) else make_executor(
-            spec.executor.backend, spec.executor.concurrency)
+        ex = (
+            executor
+            if isinstance(executor, ExecutorAdapter)
+            else make_executor(spec.executor.backend, spec.executor.concurrency)
+        )
         try:
             result = Coordinator(job_id, runtime, ex, store=store, on_progress=on_progress).run()
         finally:
@@ -220,8 +239,14 @@ class MIPROv2(Teleprompter):
         return _attach(result)
 
 
-def run_job(job_id: str, *, executor: str | ExecutorAdapter | None = None, program_path: Path | None = None,
-            on_progress: ProgressFn | None = None, store: JobStore | None = None) -> dict[str, Any]:
+def run_job(
+    job_id: str,
+    *,
+    executor: str | ExecutorAdapter | None = None,
+    program_path: Path | None = None,
+    on_progress: ProgressFn | None = None,
+    store: JobStore | None = None,
+) -> dict[str, Any]:
     """Run or resume a stored job to the end; returns its summary (a finished job is not run again)."""
     store = store or JobStore()
     record = store.get(job_id)
@@ -229,11 +254,15 @@ def run_job(job_id: str, *, executor: str | ExecutorAdapter | None = None, progr
         return dict(record.result)
     runtime = get_runtime(job_id)
     owned = not isinstance(executor, ExecutorAdapter)
-    ex = executor if isinstance(executor, ExecutorAdapter) else make_executor(
-        executor or runtime.spec.executor.backend, runtime.spec.executor.concurrency)
+    ex = (
+        executor
+        if isinstance(executor, ExecutorAdapter)
+        else make_executor(executor or runtime.spec.executor.backend, runtime.spec.executor.concurrency)
+    )
     try:
-        result = Coordinator(job_id, runtime, ex, store=store, on_progress=on_progress,
-                             program_path=program_path).run()
+        result = Coordinator(
+            job_id, runtime, ex, store=store, on_progress=on_progress, program_path=program_path
+        ).run()
     finally:
         if owned:
             ex.close()

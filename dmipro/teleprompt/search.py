@@ -58,14 +58,16 @@ class SearchSpace:
         """The instructions and demos ``params`` choose."""
         out: Candidate = {}
         for i, name in enumerate(self.predictors):
-            part: dict[str, Any] = {"instruction": self.instructions[name][int(params[f"{i}_predictor_instruction"])]}
+            part: dict[str, Any] = {
+                "instruction": self.instructions[name][int(params[f"{i}_predictor_instruction"])]
+            }
             if self.demo_sets is not None:
                 part["demos"] = self.demo_sets[name][int(params[f"{i}_predictor_demos"])]
             out[name] = part
         return out
 
     def key(self, params: dict[str, Any]) -> str:
-        """DSPy's readable key of a combination: ``Predictor 0: Instruction 1,Predictor 0: Few-Shot Set 3``."""
+        """DSPy's readable key: ``Predictor 0: Instruction 1,Predictor 0: Few-Shot Set 3``."""
         parts = []
         for i in range(len(self.predictors)):
             parts.append(f"Predictor {i}: Instruction {int(params[f'{i}_predictor_instruction'])}")

@@ -13,6 +13,13 @@ class Teleprompter:
     Subclasses return an optimized ``dspy.Module``; the student is never modified.
     """
 
-    def compile(self, student: Any, *, trainset: list[Any], teacher: Any = None,
-                valset: list[Any] | None = None, **kwargs: Any) -> Any:
+    def compile(
+        self,
+        student: Any,
+        *,
+        trainset: list[Any],
+        teacher: Any = None,
+        valset: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         raise NotImplementedError

@@ -16,7 +16,9 @@ def records(split: str, n: int) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
-def small_spec(*, train: int = 30, val: int = 40, lm: dict[str, Any] | None = None, **optimizer: Any) -> dict[str, Any]:
+def small_spec(
+    *, train: int = 30, val: int = 40, lm: dict[str, Any] | None = None, **optimizer: Any
+) -> dict[str, Any]:
     """A job dict: ChainOfThought math_qa, explicit small counts unless ``optimizer`` says otherwise."""
     opt = {"auto": None, "num_candidates": 4, "num_trials": 6, "minibatch_size": 10, "seed": 3}
     opt.update(optimizer)

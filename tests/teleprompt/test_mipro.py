@@ -28,8 +28,13 @@ def test_parallel_trials_1_follows_dspys_sequence_of_decisions() -> None:
     result = dmipro.optimize(small_spec(num_trials=10, parallel_trials=1))
     kinds = _kinds(result)
     # DSPy: baseline is trial 1; minibatch trials 2-6, full eval 7, 8-12, full eval 13.
-    expected = [(1, "baseline")] + [(n, "minibatch") for n in range(2, 7)] + [(7, "full")] \
-        + [(n, "minibatch") for n in range(8, 13)] + [(13, "full")]
+    expected = (
+        [(1, "baseline")]
+        + [(n, "minibatch") for n in range(2, 7)]
+        + [(7, "full")]
+        + [(n, "minibatch") for n in range(8, 13)]
+        + [(13, "full")]
+    )
     assert kinds == expected
     assert result.trials == 10
     # The winner is chosen by full-valset score only.
@@ -43,8 +48,9 @@ def test_same_result_on_inline_and_thread_executors() -> None:
     thread = dmipro.optimize(spec, executor="thread", concurrency=16)
     assert inline.best_candidate == thread.best_candidate
     assert inline.best_score == thread.best_score
-    assert {k: v["score"] for k, v in inline.trial_logs.items()} == \
-        {k: v["score"] for k, v in thread.trial_logs.items()}
+    assert {k: v["score"] for k, v in inline.trial_logs.items()} == {
+        k: v["score"] for k, v in thread.trial_logs.items()
+    }
 
 
 def test_optimization_beats_the_baseline_and_saves_dspy_json(tmp_path: Path) -> None:
@@ -72,7 +78,9 @@ valset = [valset[i] for i in {result.val_ids!r}]
 with dspy.context(lm=sim_lm("sim/math", temperature=0.0)):
     print(dspy.Evaluate(devset=valset, metric=exact_match, num_threads=4)(program).score)
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(result.best_score)
 
@@ -98,8 +106,9 @@ def test_mipro_compile_is_a_drop_in_for_dspy() -> None:
     val = [dspy.Example(**r).with_inputs("question") for r in records("dev", 40)]
     from examples.math_qa.program import build, exact_match
 
-    optimizer = dmipro.MIPROv2(metric=exact_match, task_model=lm, prompt_model=lm, auto=None, num_candidates=3,
-                               executor="thread")
+    optimizer = dmipro.MIPROv2(
+        metric=exact_match, task_model=lm, prompt_model=lm, auto=None, num_candidates=3, executor="thread"
+    )
     program = optimizer.compile(build(), trainset=train, valset=val, num_trials=4, minibatch_size=10)
     assert isinstance(program, dspy.Module)
     assert program.score == max(c["score"] for c in program.candidate_programs)
@@ -163,8 +172,10 @@ def test_auto_with_num_trials_is_a_clear_error() -> None:
     lm = sim_lm("sim/math")
     with pytest.raises(OptimizationError, match="auto='light' sets num_trials"):
         dmipro.MIPROv2(metric=exact_match, task_model=lm, prompt_model=lm).compile(
-            build(), trainset=[dspy.Example(**r).with_inputs("question") for r in records("train", 10)],
-            num_trials=5)
+            build(),
+            trainset=[dspy.Example(**r).with_inputs("question") for r in records("train", 10)],
+            num_trials=5,
+        )
 
 
 def test_metric_that_always_raises_fails_clearly_and_registers_nothing() -> None:

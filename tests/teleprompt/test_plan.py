@@ -20,9 +20,19 @@ DSPY_TRIALS = {
 
 def _plan(auto: str | None = "light", predictors: int = 1, zeroshot: bool = False, val: int = 300, **kw):
     demos = 0 if zeroshot else 4
-    args = dict(auto=auto, num_candidates=None, num_trials=None, num_predictors=predictors, val_size=val,
-                max_bootstrapped_demos=demos, max_labeled_demos=demos, minibatch=True, minibatch_size=35,
-                minibatch_full_eval_steps=5, seed=9)
+    args = dict(
+        auto=auto,
+        num_candidates=None,
+        num_trials=None,
+        num_predictors=predictors,
+        val_size=val,
+        max_bootstrapped_demos=demos,
+        max_labeled_demos=demos,
+        minibatch=True,
+        minibatch_size=35,
+        minibatch_full_eval_steps=5,
+        seed=9,
+    )
     args.update(kw)
     return plan_run(**args)
 
@@ -33,7 +43,9 @@ def test_trial_counts_match_dspy(auto: str, zeroshot: bool) -> None:
         assert _plan(auto, predictors, zeroshot).num_trials == expected
 
 
-@pytest.mark.parametrize(("auto", "n", "val_size"), [("light", 6, 100), ("medium", 12, 300), ("heavy", 18, 1000)])
+@pytest.mark.parametrize(
+    ("auto", "n", "val_size"), [("light", 6, 100), ("medium", 12, 300), ("heavy", 18, 1000)]
+)
 def test_candidates_and_valset_sizes(auto: str, n: int, val_size: int) -> None:
     plan = _plan(auto, val=2000)
     assert plan.num_fewshot_candidates == n
@@ -100,4 +112,7 @@ def test_zero_bootstrapped_with_labeled_demos_does_not_crash() -> None:
 
 def test_small_candidate_counts() -> None:
     assert [s.kind for s in plan_demo_sets(1, max_bootstrapped=4, max_labeled=4, seed=1)] == ["zeroshot"]
-    assert [s.kind for s in plan_demo_sets(2, max_bootstrapped=4, max_labeled=4, seed=1)] == ["zeroshot", "labeled"]
+    assert [s.kind for s in plan_demo_sets(2, max_bootstrapped=4, max_labeled=4, seed=1)] == [
+        "zeroshot",
+        "labeled",
+    ]

@@ -45,8 +45,11 @@ def _wait_for(cond: Any, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_killed_in_phase_3_resumes_without_redoing_phases(tmp_path: Path, dmipro_home: Path) -> None:
-    spec = small_spec(num_trials=12, parallel_trials=1, lm={"model": "sim/math", "temperature": 0.0,
-                                                             "sim": {"latency_ms": 40}})
+    spec = small_spec(
+        num_trials=12,
+        parallel_trials=1,
+        lm={"model": "sim/math", "temperature": 0.0, "sim": {"latency_ms": 40}},
+    )
     spec["executor"]["concurrency"] = 4
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(spec))
@@ -54,10 +57,14 @@ def test_killed_in_phase_3_resumes_without_redoing_phases(tmp_path: Path, dmipro
     env = {**os.environ, "DMIPRO_HOME": str(dmipro_home)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dmipro.cli", "optimize", str(job_file), "--job-id", job_id, "--json"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     store = JobStore()
     try:
+
         def in_search() -> bool:
             record = store.find(job_id)
             return bool(record and record.phase == "search" and record.progress.get("trials_done", 0) >= 3)

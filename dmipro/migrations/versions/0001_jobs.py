@@ -37,14 +37,18 @@ def upgrade() -> None:
     op.create_index("ix_dmipro_jobs_name", "dmipro_jobs", ["name"])
     op.create_table(
         "dmipro_checkpoints",
-        sa.Column("job_id", sa.String(64), sa.ForeignKey("dmipro_jobs.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "job_id", sa.String(64), sa.ForeignKey("dmipro_jobs.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("phase", sa.String(40), primary_key=True),
         sa.Column("data", sa.JSON, nullable=False),
         sa.Column("created_at", sa.Float, nullable=False),
     )
     op.create_table(
         "dmipro_eval_cache",
-        sa.Column("job_id", sa.String(64), sa.ForeignKey("dmipro_jobs.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "job_id", sa.String(64), sa.ForeignKey("dmipro_jobs.id", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("fingerprint", sa.String(64), primary_key=True),
         sa.Column("example_id", sa.String(64), primary_key=True),
         sa.Column("score", sa.Float, nullable=False),
