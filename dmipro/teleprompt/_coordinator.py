@@ -45,12 +45,19 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 @dataclass
 class PhaseStats:
-    """LM usage and wall time of one phase; ``resumed`` when it came from a checkpoint."""
+    """LM usage and wall time of one phase; ``resumed`` when it came from a checkpoint.
+
+    ``depth`` is the phase's critical path in LM calls: the calls that must happen one
+    after another whatever the concurrency (the longest bootstrap set, the proposer's
+    dependent waves, one program run per search round). Depth × latency bounds the
+    phase's wall time from below.
+    """
 
     wall_s: float = 0.0
     task_lm: Usage = field(default_factory=Usage)
     prompt_lm: Usage = field(default_factory=Usage)
     resumed: bool = False
+    depth: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +65,7 @@ class PhaseStats:
             "task_lm": self.task_lm.summary(),
             "prompt_lm": self.prompt_lm.summary(),
             "resumed": self.resumed,
+            "depth": self.depth,
             "usage": {"task_lm": self.task_lm.to_json(), "prompt_lm": self.prompt_lm.to_json()},
         }
 
@@ -68,6 +76,7 @@ class PhaseStats:
             task_lm=Usage.from_json(data.get("usage", {}).get("task_lm")),
             prompt_lm=Usage.from_json(data.get("usage", {}).get("prompt_lm")),
             resumed=resumed,
+            depth=int(data.get("depth", 0)),
         )
 
 
@@ -314,6 +323,7 @@ class Coordinator:
         ]
         for res in self._map("bootstrap_demo_set", payloads, stats.task_lm):
             sets[int(res["index"])] = res["demos"]
+            stats.depth = max(stats.depth, Usage.from_json(res.get("usage")).calls)
         demo_sets = {name: [sets[i][name] for i in range(len(plans))] for name in self.predictors}
         bus.emit(
             "dspy.optimization.bootstrap_complete",
@@ -439,6 +449,7 @@ class Coordinator:
                     }
                 )
         results = self._map("propose_instruction", payloads, stats.prompt_lm)
+        stats.depth = sum(1 for wave in (wave1, wave2, payloads) if wave)
         for res in sorted(results, key=lambda r: (self.predictors.index(r["predictor"]), r["index"])):
             instructions[res["predictor"]].append(res["instruction"])
         bus.emit(
@@ -534,6 +545,7 @@ class Coordinator:
                             for j, (_, p) in enumerate(picks)
                         ]
                     )
+                stats.depth += len(self.predictors)
                 for (key, params), res in zip(picks, results, strict=True):
                     stats.task_lm.add(res.usage)
                     study.add_full(params, res.score, st.batches)
@@ -590,6 +602,7 @@ class Coordinator:
                 trial=",".join(str(t.number + 1) for t in trials),
             ):
                 results = self._evaluate(evaluator, requests)
+            stats.depth += len(self.predictors)
             for t, res in zip(trials, results, strict=True):
                 if t.user_attrs.get("kind") == TrialKind.BASELINE and res.n and res.errors == res.n:
                     first_error = next(r.error for r in res.results if r.error)
