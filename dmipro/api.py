@@ -33,8 +33,8 @@ def evaluate(
     """Evaluate the job's unoptimized program on its valset (or another split).
 
     Without a valset, the last 80% of the trainset is the valset (DSPy's rule).
-    Remote executors get a job row so their
-    workers can load the job; in-process executors write nothing.
+    Remote executors get a job row so their workers can load the job; in-process
+    executors write nothing.
     """
     job = resolve_job(source)
     spec = job.spec
@@ -44,11 +44,10 @@ def evaluate(
         if isinstance(executor, ExecutorAdapter)
         else make_executor(executor or spec.executor.backend, concurrency or spec.executor.concurrency)
     )
+    job_id = f"{spec.name}-eval-{uuid.uuid4().hex[:8]}"
     try:
         if ex.remote:
             job_id = JobStore().create(name=spec.name, spec=job.to_json(), executor=ex.name).id
-        else:
-            job_id = f"{spec.name}-eval-{uuid.uuid4().hex[:8]}"
         runtime = register_runtime(job_id, spec)
         evaluator = Evaluator(
             job_id, ex, split=split, size=len(runtime.split(split)), chunk_size=spec.executor.chunk_size
@@ -58,6 +57,7 @@ def evaluate(
         result.wall_s = time.perf_counter() - start
         return result
     finally:
+        forget_runtime(job_id)
         if owned:
             ex.close()
 

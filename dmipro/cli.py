@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -246,6 +247,31 @@ def _evaluate_candidate(spec: Any, candidate: dict[str, Any]) -> float:
         score = Evaluator(job_id, ex, split="test", size=len(runtime.split("test")))(candidate).score
     forget_runtime(job_id)
     return score
+
+
+@app.command()
+def jobs(
+    limit: Annotated[int, typer.Option(help="How many of the newest jobs.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """List the newest jobs in the job database: state, phase, trials, best score."""
+    from rich.table import Table
+
+    from dmipro.jobs import JobStore
+
+    records = JobStore().list(limit)
+    if as_json:
+        emit_json([r.to_json() | {"result": None} for r in records])
+        return
+    table = Table("job", "state", "phase", "trials", "best", "created")
+    for r in records:
+        p = r.progress
+        best = p.get("best_score")
+        table.add_row(
+            r.id, r.state.value, r.phase or "", f"{p.get('trials_done', 0)}/{p.get('trials_total', '?')}",
+            "" if best is None else f"{best:.2f}", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
+        )
+    Console().print(table)
 
 
 @sim_app.command("serve")

@@ -54,14 +54,16 @@ class ExecutorAdapter:
 
     def submit(self, task: str, payload: dict[str, Any]) -> Future[dict[str, Any]]:
         """Ship one task; the future resolves to its JSON result."""
+        return self._ship(task, self._encode(task, [payload])[0])
+
+    def _encode(self, task: str, payloads: Iterable[dict[str, Any]]) -> list[str]:
+        """Check the task name and encode every payload, before anything is shipped."""
         from dmipro.tasks import get_task
         from dmipro.tracing import inject
 
         get_task(task)  # an unknown name fails here, in the caller, not on a worker
         carrier = inject()
-        if carrier:
-            payload = {**payload, "_trace": carrier}
-        return self._ship(task, encode_payload(payload))
+        return [encode_payload({**p, "_trace": carrier} if carrier else p) for p in payloads]
 
     def map(self, task: str, payloads: Iterable[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
         """Run ``task`` on every payload; yield ``(index, result)`` as each one completes.
@@ -69,7 +71,8 @@ class ExecutorAdapter:
         The first failed task raises its error; tasks not yet finished are cancelled
         where the executor can cancel them.
         """
-        pending = {self.submit(task, p): i for i, p in enumerate(payloads)}
+        bodies = self._encode(task, payloads)  # a bad payload fails before any task is shipped
+        pending = {self._ship(task, body): i for i, body in enumerate(bodies)}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)

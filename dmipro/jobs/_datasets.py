@@ -52,9 +52,9 @@ def _read_file(path: Path, field: str) -> list[Any]:
     if not path.is_file():
         raise DatasetError(f"file {path} does not exist; paths are relative to the job file", field=field)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel CSVs) is not data
         if path.suffix.lower() == ".jsonl":
-            return [_json_line(line, n, path) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            return [_json_line(line, n, path, field) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         if path.suffix.lower() == ".json":
             data = json.loads(text)
             if not isinstance(data, list):
@@ -67,11 +67,11 @@ def _read_file(path: Path, field: str) -> list[Any]:
         raise DatasetError(f"cannot read {path}: {exc}", field=field) from exc
 
 
-def _json_line(line: str, n: int, path: Path) -> Any:
+def _json_line(line: str, n: int, path: Path, field: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path} line {n} is not JSON ({exc.msg})") from exc
+        raise DatasetError(f"{path} line {n} is not JSON ({exc.msg})", field=field) from exc
 
 
 def _from_ref(ref: str, field: str) -> list[Any]:

@@ -24,7 +24,25 @@ __all__ = [
 DataSource = str | list[dict[str, Any]]
 """A path (.jsonl/.json/.csv, relative to the job file), a ``module:attr`` ref, or inline records."""
 
-_SECRET_KEYS = {"api_key", "apikey", "secret", "password", "token", "authorization"}
+_SECRET_KEYS = {"api_key", "apikey", "secret", "password", "token", "authorization", "x-api-key"}
+
+
+def _find_secret(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first secret-looking key anywhere in ``value``, or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if str(key).lower() in _SECRET_KEYS:
+                return where
+            found = _find_secret(item, where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_secret(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 class LMConfig(BaseModel):
@@ -44,12 +62,12 @@ class LMConfig(BaseModel):
 
     @model_validator(mode="after")
     def _no_inline_secrets(self) -> LMConfig:
-        for key in self.model_extra or {}:
-            if key.lower() in _SECRET_KEYS:
-                raise ValueError(
-                    f"'{key}' must not be written in a job; put the key in an environment variable "
-                    "and name it with api_key_env"
-                )
+        path = _find_secret(self.model_extra or {})
+        if path is not None:
+            raise ValueError(
+                f"'{path}' must not be written in a job; put the key in an environment variable "
+                "and name it with api_key_env"
+            )
         return self
 
     @property

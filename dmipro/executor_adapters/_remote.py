@@ -1,0 +1,250 @@
+"""What the Celery and RQ adapters share: an outbox, one collector thread, error decoding.
+
+A remote adapter's ``_ship`` puts the task in an outbox and returns a future at once, so
+the coordinating thread never waits on the broker. One background thread per adapter
+sends the outbox in batches (``_send``), polls the results of everything in flight
+(``_fetch``) and completes the futures. It polls result state and never blocks on a
+result, so a coordinator running as a task never holds a worker slot waiting on a
+``.get()``.
+
+Each remote task id is consumed once: its first final outcome completes the future and
+the id is forgotten. A task the broker delivered twice (after a worker crash) therefore
+never counts twice. A future cancelled by the caller is revoked remotely (``_revoke``).
+
+Backends override three hooks, all called on the collector thread only:
+``_send(shipments)``, ``_fetch(ids) -> {id: Outcome}`` (ids without a final outcome are
+left out) and ``_revoke(ids)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmipro import errors
+from dmipro.errors import DmiproError, ExecutorError, TaskError
+from dmipro.executor_adapters.base import ExecutorAdapter
+
+__all__ = ["Outcome", "RemoteExecutor", "Shipment", "new_task_id", "remote_error"]
+
+log = logging.getLogger(__name__)
+
+_TASK_ERROR_TYPE = re.compile(r"^task \S+ failed: (?P<type>[A-Za-z_][\w.]*):")
+_FIELD_PREFIX = re.compile(r"^(?P<field>[A-Za-z_][\w.]*): ")
+
+
+def new_task_id() -> str:
+    """A fresh remote task id (letters, digits and dashes: valid for Celery and RQ)."""
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """One task on its way to a broker: its remote id, name, JSON body and trace context."""
+
+    id: str
+    task: str
+    body: str
+    trace: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final outcome of one remote task: its JSON result, or the error it raised."""
+
+    result: dict[str, Any] | None = None
+    error: DmiproError | None = None
+
+
+def remote_error(task: str, type_name: str, message: str) -> DmiproError:
+    """The error a worker reported, as the caller should see it.
+
+    A :class:`~dmipro.errors.DmiproError` subclass comes back as that class with its
+    message (a worker refusing a reference is still a ``RefError``, its ``field`` read
+    back from the message); anything else becomes a :class:`~dmipro.errors.TaskError`
+    naming the original type.
+    """
+    cls = getattr(errors, type_name, None) if type_name in errors.__all__ else None
+    if isinstance(cls, type) and issubclass(cls, DmiproError):
+        if issubclass(cls, TaskError):
+            match = _TASK_ERROR_TYPE.match(message)
+            return cls(message, task=task, error_type=match["type"] if match else type_name)
+        try:
+            error = cls(message)
+        except TypeError:  # a subclass with a different constructor: keep the type name in a TaskError
+            pass
+        else:
+            match = _FIELD_PREFIX.match(message)
+            if isinstance(error, errors.JobSpecError) and match:
+                error.field = match["field"]
+            return error
+    return TaskError(f"task {task} failed on a worker: {type_name}: {message}", task=task, error_type=type_name)
+
+
+class RemoteExecutor(ExecutorAdapter):
+    """Base of the adapters that run tasks in worker processes; see the module docstring.
+
+    Thread safety: ``_ship`` and ``close`` may be called from any thread; the hooks run on
+    the collector thread only, so backends need no locking of their own.
+    """
+
+    remote = True
+    poll_min_s: float = 0.002
+    """Poll again this soon after results arrived or tasks were sent."""
+    broker_failure_s: float = 300.0
+    """Fail every task in flight when the broker stays unreachable this long."""
+
+    def __init__(self, concurrency: int = 16, *, poll_interval: float = 0.05) -> None:
+        super().__init__(concurrency)
+        self.poll_interval = max(poll_interval, self.poll_min_s)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._outbox: list[tuple[Shipment, Future[dict[str, Any]]]] = []
+        self._pending: dict[str, tuple[Shipment, Future[dict[str, Any]]]] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- backend hooks ---------------------------------------------------------------
+    def _send(self, shipments: list[Shipment]) -> None:
+        """Enqueue ``shipments`` on the broker, as one batch where the broker allows."""
+        raise NotImplementedError
+
+    def _fetch(self, ids: list[str]) -> dict[str, Outcome]:
+        """The final outcomes among ``ids``; a task still queued or running is left out."""
+        raise NotImplementedError
+
+    def _revoke(self, ids: list[str]) -> None:
+        """Best effort: keep these tasks from running (they may have run already)."""
+
+    # -- the loop --------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Tasks shipped whose outcome has not been collected yet."""
+        with self._lock:
+            return len(self._outbox) + len(self._pending)
+
+    def _ship(self, task: str, body: str) -> Future[dict[str, Any]]:
+        from dmipro import tracing
+
+        fut: Future[dict[str, Any]] = Future()
+        shipment = Shipment(new_task_id(), task, body, tracing.inject())
+        with self._lock:
+            if self._closed:
+                raise ExecutorError(f"the {self.name} executor is closed")
+            self._outbox.append((shipment, fut))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"dmipro-{self.name}-collector",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+        return fut
+
+    def _run(self) -> None:
+        interval = self.poll_min_s
+        failing_since: float | None = None
+        while True:
+            with self._lock:
+                idle = not self._outbox and not self._pending
+            self._wake.wait(None if idle else interval)
+            self._wake.clear()
+            with self._lock:
+                if self._closed:
+                    return
+                batch, self._outbox = self._outbox, []
+            sent = self._send_batch(batch)
+            with self._lock:
+                items = list(self._pending.items())
+            cancelled = [tid for tid, (_, fut) in items if fut.cancelled()]
+            if cancelled:
+                self._drop(cancelled)
+            ids = [tid for tid, (_, fut) in items if not fut.cancelled()]
+            if not ids:
+                interval = self.poll_min_s
+                continue
+            try:
+                outcomes = self._fetch(ids)
+            except Exception as exc:  # a broker hiccup: keep the tasks, try again, give up eventually
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self.broker_failure_s:
+                    self._fail_all(ExecutorError(f"the {self.name} result store has been unreachable for "
+                                                 f"{self.broker_failure_s:.0f}s: {exc}"))
+                    failing_since = None
+                else:
+                    log.warning("polling %s results failed (%s); retrying", self.name, exc)
+                interval = min(max(interval * 2, 0.5), 5.0)
+                continue
+            failing_since = None
+            for tid, outcome in outcomes.items():
+                with self._lock:
+                    entry = self._pending.pop(tid, None)
+                if entry is not None:
+                    _complete(entry[1], outcome)
+            interval = self.poll_min_s if outcomes or sent else min(interval * 1.5, self.poll_interval)
+
+    def _send_batch(self, batch: list[tuple[Shipment, Future[dict[str, Any]]]]) -> bool:
+        live = [(s, f) for s, f in batch if not f.cancelled()]
+        if not live:
+            return False
+        try:
+            self._send([s for s, _ in live])
+        except Exception as exc:
+            error = exc if isinstance(exc, DmiproError) else ExecutorError(
+                f"cannot send tasks to the {self.name} broker: {type(exc).__name__}: {exc}")
+            for _, fut in live:
+                _complete(fut, Outcome(error=error))
+            return False
+        with self._lock:
+            self._pending.update({s.id: (s, f) for s, f in live})
+        return True
+
+    def _drop(self, ids: list[str]) -> None:
+        with self._lock:
+            for tid in ids:
+                self._pending.pop(tid, None)
+        try:
+            self._revoke(ids)
+        except Exception as exc:
+            log.warning("revoking %d %s tasks failed: %s", len(ids), self.name, exc)
+
+    def _fail_all(self, error: DmiproError) -> None:
+        with self._lock:
+            entries = list(self._pending.values()) + list(self._outbox)
+            self._pending.clear()
+            self._outbox.clear()
+        for _, fut in entries:
+            _complete(fut, Outcome(error=error))
+
+    def close(self) -> None:
+        """Stop the collector; tasks still in flight are revoked and their futures fail."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            leftover = list(self._pending) + [s.id for s, _ in self._outbox]
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout=30)
+        if leftover:
+            try:
+                self._revoke(leftover)
+            except Exception as exc:
+                log.warning("revoking %d %s tasks at close failed: %s", len(leftover), self.name, exc)
+        self._fail_all(ExecutorError(f"the {self.name} executor was closed before the task finished"))
+
+
+def _complete(fut: Future[dict[str, Any]], outcome: Outcome) -> None:
+    try:
+        if outcome.error is not None:
+            fut.set_exception(outcome.error)
+        else:
+            fut.set_result(outcome.result or {})
+    except InvalidStateError:  # cancelled by the caller meanwhile
+        pass

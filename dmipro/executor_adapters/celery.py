@@ -1,0 +1,121 @@
+"""Tasks on Celery workers, through the ``dmipro.work`` queue.
+
+Shipping sends ``dmipro.<task>`` with the JSON payload as its one argument; collecting
+reads the result backend for every task in flight in one round trip (``MGET`` on Redis)
+from a background thread. Nothing ever calls ``AsyncResult.get()``, so a coordinator
+running as a Celery task (``dmipro.optimize``) never blocks a worker slot on a result.
+See :mod:`dmipro.workers.celery_app` for the delivery guarantees.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from dmipro.defaults import WORK_QUEUE
+from dmipro.errors import DecodeError, DmiproError, TaskError
+from dmipro.executor_adapters._remote import Outcome, RemoteExecutor, Shipment, remote_error
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["CeleryExecutor"]
+
+_SUCCESS, _FAILURE, _REVOKED = "SUCCESS", "FAILURE", "REVOKED"
+
+
+class CeleryExecutor(RemoteExecutor):
+    """Runs tasks on Celery workers consuming ``queue``; results come from the result backend.
+
+    ``concurrency`` is the number of worker slots the job may fill (it sizes trial
+    batches); Celery's queue holds whatever does not fit.
+    """
+
+    name = "celery"
+
+    def __init__(self, concurrency: int = 16, *, app: Celery | None = None, queue: str = WORK_QUEUE,
+                 poll_interval: float = 0.05) -> None:
+        from dmipro.workers.celery_app import get_app
+
+        super().__init__(concurrency, poll_interval=poll_interval)
+        self.app = app or get_app()
+        self.queue = queue
+
+    def _send(self, shipments: list[Shipment]) -> None:
+        from dmipro.workers.celery_app import TRACE_HEADER, task_name
+
+        with self.app.producer_or_acquire() as producer:
+            for s in shipments:
+                self.app.send_task(
+                    task_name(s.task), args=[s.body], task_id=s.id, queue=self.queue, producer=producer,
+                    headers={TRACE_HEADER: s.trace} if s.trace else None, argsrepr=_summary(s.body),
+                )
+
+    def _fetch(self, ids: list[str]) -> dict[str, Outcome]:
+        backend = self.app.backend
+        metas: dict[str, Any] = {}
+        if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
+            values = backend.mget([backend.get_key_for_task(tid) for tid in ids])
+            for tid, raw in zip(ids, values, strict=True):
+                if raw is not None:
+                    metas[tid] = backend.decode(raw)
+        else:  # a backend without bulk reads: one query per task
+            for tid in ids:
+                metas[tid] = backend.get_task_meta(tid)
+        tasks = self._task_names(ids)
+        out: dict[str, Outcome] = {}
+        for tid, meta in metas.items():
+            outcome = _outcome(tasks.get(tid, "?"), meta)
+            if outcome is not None:
+                out[tid] = outcome
+        return out
+
+    def _task_names(self, ids: list[str]) -> dict[str, str]:
+        with self._lock:
+            return {tid: self._pending[tid][0].task for tid in ids if tid in self._pending}
+
+    def _revoke(self, ids: list[str]) -> None:
+        self.app.control.revoke(ids)
+
+
+def _outcome(task: str, meta: Any) -> Outcome | None:
+    if not isinstance(meta, dict):
+        return Outcome(error=DecodeError(f"task {task}: the result backend holds {type(meta).__name__}, "
+                                         "not a task state"))
+    status = meta.get("status")
+    if status == _SUCCESS:
+        result = meta.get("result")
+        if not isinstance(result, dict):
+            return Outcome(error=DecodeError(f"task {task} returned {type(result).__name__}, not a JSON object"))
+        return Outcome(result=result)
+    if status == _FAILURE:
+        return Outcome(error=_failure(task, meta.get("result")))
+    if status == _REVOKED:
+        return Outcome(error=TaskError(f"task {task} was revoked before it ran", task=task,
+                                       error_type="TaskRevokedError"))
+    return None
+
+
+def _failure(task: str, info: Any) -> DmiproError:
+    if isinstance(info, BaseException):  # a backend that decodes exceptions itself
+        return remote_error(task, type(info).__name__, str(info))
+    if isinstance(info, dict):
+        type_name = str(info.get("exc_type") or "Exception")
+        args = info.get("exc_message")
+        if isinstance(args, list | tuple):
+            message = str(args[0]) if len(args) == 1 else ", ".join(str(a) for a in args)
+        else:
+            message = str(args or "")
+        return remote_error(task, type_name, message)
+    return remote_error(task, "Exception", str(info))
+
+
+def _summary(body: str) -> str:
+    """A short, readable stand-in for the payload in Flower and worker logs."""
+    try:
+        payload = json.loads(body) if len(body) < 1_000_000 else {}
+    except json.JSONDecodeError:
+        payload = {}
+    parts = [f"{key}={payload[key]}" for key in ("job", "job_id", "trial", "index", "predictor")
+             if isinstance(payload, dict) and key in payload]
+    return f"({', '.join(parts + [f'{len(body)} bytes'])})"

@@ -1,0 +1,268 @@
+"""Submit a job to Celery or RQ workers, and follow it: status, wait, result, cancel.
+
+``submit`` validates the job completely, writes its row (``queued``) and enqueues the
+``optimize`` coordinator on the ``dmipro.coordinator`` queue; workers do the rest. The
+job row is the source of truth for everything a :class:`JobHandle` reports, so a handle
+works from any process that can reach the job database — ``JobHandle(job_id)`` rebuilds
+one from an id.
+
+    handle = submit("examples/math_qa/job.yaml", executor="celery")
+    handle.wait(timeout=600)
+    program = handle.result()          # a dspy.Module with the optimized prompts
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from dmipro.errors import ConfigError, DmiproError, ExecutorError, JobSpecError, OptimizationError, StorageError
+from dmipro.jobs._load import Job, build_program, load_job
+from dmipro.jobs.store import JobRecord, JobState, JobStore
+
+__all__ = [
+    "REMOTE_EXECUTORS",
+    "JobHandle",
+    "JobTimeoutError",
+    "cancel",
+    "check_database_for",
+    "status",
+    "status_of",
+    "submit",
+    "wait",
+]
+
+REMOTE_EXECUTORS = ("celery", "rq")
+"""Executors whose workers pick up submitted jobs."""
+
+JobSource = str | Path | dict[str, Any] | Job
+
+
+class JobTimeoutError(ExecutorError):
+    """``wait`` gave up: the job was still queued or running when the timeout passed."""
+
+
+def check_database_for(job: Job, executor: str, *, url: str | None = None) -> None:
+    """Refuse a SQLite job database for workers that may run on other machines.
+
+    Allowed when the job sets ``executor.force_sqlite`` or ``DMIPRO_ALLOW_SQLITE_REMOTE``
+    is set: then every worker must run on this machine and see the same file.
+    """
+    from dmipro.config import get_settings
+    from dmipro.db import is_sqlite
+
+    settings = get_settings()
+    url = url or settings.effective_database_url
+    if not is_sqlite(url) or job.spec.executor.force_sqlite or settings.allow_sqlite_remote:
+        return
+    raise ConfigError(
+        f"the job database is SQLite ({url}), which {executor} workers on other machines cannot reach; "
+        "set DMIPRO_DATABASE_URL to a PostgreSQL URL (postgresql+psycopg://user@host/db) for the "
+        "submitter and every worker, or, when all workers run on this machine, set executor.force_sqlite: "
+        "true in the job or DMIPRO_ALLOW_SQLITE_REMOTE=1"
+    )
+
+
+def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = None) -> JobHandle:
+    """Validate ``spec``, write its job row and enqueue its coordinator on ``executor``'s workers.
+
+    Raises a :class:`~dmipro.errors.DmiproError` naming the fix, before anything is
+    written, for an invalid job, a non-remote executor, a SQLite job database (see
+    :func:`check_database_for`), an id already taken or an unreachable broker.
+    """
+    if executor not in REMOTE_EXECUTORS:
+        raise ConfigError(f"submit sends jobs to workers: executor must be one of {', '.join(REMOTE_EXECUTORS)}, "
+                          f"not {executor!r} (run in-process with dmipro optimize instead)")
+    job = spec if isinstance(spec, Job) else load_job(spec)
+    check_database_for(job, executor)
+    store = JobStore()
+    if job_id is not None and store.find(job_id) is not None:
+        raise JobSpecError(f"a job with id {job_id!r} already exists; pick another id or leave it out")
+    _check_broker(executor)
+    job_spec = job.spec.model_copy(update={"executor": job.spec.executor.model_copy(update={"backend": executor})})
+    record = store.create(name=job_spec.name, spec=job_spec.model_dump(mode="json"), executor=executor,
+                          job_id=job_id)
+    try:
+        _enqueue(record.id, executor)
+    except Exception as exc:
+        message = f"could not enqueue the coordinator on {executor}: {type(exc).__name__}: {exc}"
+        store.finish(record.id, JobState.FAILED, error=message)
+        raise ExecutorError(message) from exc
+    return JobHandle(record.id, store=store)
+
+
+def _check_broker(executor: str) -> None:
+    from dmipro.config import get_settings
+
+    url = get_settings().broker_url
+    try:
+        if executor == "celery":
+            from dmipro.workers.celery_app import get_app
+
+            with get_app().connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=5)
+        else:
+            from dmipro.workers.rq_worker import redis_connection
+
+            redis_connection().ping()
+    except DmiproError:
+        raise
+    except Exception as exc:
+        raise ExecutorError(f"cannot reach the {executor} broker at {_safe_url(url)} ({type(exc).__name__}: "
+                            f"{exc}); start Redis or set DMIPRO_BROKER_URL") from exc
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def _enqueue(job_id: str, executor: str) -> None:
+    if executor == "celery":
+        from dmipro.workers.celery_app import send_optimize
+
+        send_optimize(job_id, executor)
+    else:
+        from dmipro.workers.rq_worker import enqueue_optimize
+
+        enqueue_optimize(job_id, executor)
+
+
+def _revoke(job_id: str, executor: str) -> None:
+    if executor == "celery":
+        from dmipro.workers.celery_app import revoke_optimize
+
+        revoke_optimize(job_id)
+    elif executor == "rq":
+        from dmipro.workers.rq_worker import cancel_optimize
+
+        cancel_optimize(job_id)
+
+
+_STATUS_FROM_PROGRESS = ("trials_done", "trials_total", "best_score", "baseline_score", "lm_calls", "tokens",
+                         "cost_usd")
+_STATUS_FROM_RESULT = ("best_score", "baseline_score", "lm_calls", "tokens", "cost_usd", "stop_reason",
+                       "program_path", "registered", "wall_s")
+
+
+def status_of(record: JobRecord) -> dict[str, Any]:
+    """The status report of one job row (what ``dmipro status --json`` prints)."""
+    progress = record.progress or {}
+    result = record.result or {}
+    report: dict[str, Any] = {
+        "job_id": record.id,
+        "name": record.name,
+        "state": record.state.value,
+        "phase": record.phase,
+        "executor": record.executor,
+    }
+    report.update({key: progress.get(key) for key in _STATUS_FROM_PROGRESS})
+    if result:
+        report.update({key: result.get(key) for key in _STATUS_FROM_RESULT})
+        report["trials_done"] = result.get("trials", report["trials_done"])
+    report.update(
+        attempts=record.attempts,
+        cancel_requested=record.cancel_requested,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        updated_at=record.updated_at,
+        error=record.error,
+    )
+    return report
+
+
+class JobHandle:
+    """A submitted job, followed through the job database. Safe to use from any thread."""
+
+    def __init__(self, job_id: str, *, store: JobStore | None = None) -> None:
+        self.job_id = job_id
+        self._store = store or JobStore()
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r})"
+
+    @property
+    def record(self) -> JobRecord:
+        """The job row as it is now."""
+        return self._store.get(self.job_id)
+
+    def status(self) -> dict[str, Any]:
+        """State, phase, trials done/total, best score, LM calls, tokens, timestamps and error."""
+        return status_of(self.record)
+
+    def wait(self, timeout: float | None = None, *, poll_interval: float = 0.5) -> dict[str, Any]:
+        """Block until the job is finished (succeeded, failed or cancelled); return its status.
+
+        Raises :class:`JobTimeoutError` when ``timeout`` seconds pass first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(0.05, poll_interval)
+        while True:
+            record = self.record
+            if record.state.finished:
+                return status_of(record)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeoutError(f"job {self.job_id} is still {record.state.value} "
+                                      f"(phase {record.phase or '-'}) after {timeout:g}s")
+            sleep = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
+            time.sleep(sleep)
+            delay = min(delay * 2, poll_interval)
+
+    def result(self) -> Any:
+        """The optimized program: a fresh program from the job's ref, loaded from the saved DSPy JSON."""
+        from dmipro.jobs.spec import JobSpec
+        from dmipro.refs import ensure_importable
+
+        record = self.record
+        if record.state is not JobState.SUCCEEDED:
+            detail = f": {record.error}" if record.error else ""
+            raise OptimizationError(f"job {self.job_id} is {record.state.value}{detail}; a result exists only "
+                                    "for a succeeded job")
+        path = (record.result or {}).get("program_path")
+        if not path:
+            raise StorageError(f"job {self.job_id} succeeded but recorded no program_path")
+        if not Path(path).is_file():
+            raise StorageError(f"the program of job {self.job_id} was saved at {path}, which is not on this "
+                               "machine; give workers and clients a shared DMIPRO_HOME, or load it from the "
+                               "registry")
+        ensure_importable([Path.cwd()])
+        spec = JobSpec.model_validate(record.spec)
+        program = build_program(spec.program)
+        try:
+            program.load(path)
+        except Exception as exc:
+            raise StorageError(f"cannot load {path} onto {spec.program}: {type(exc).__name__}: {exc}") from exc
+        return program
+
+    def cancel(self) -> dict[str, Any]:
+        """Ask the job to stop: a queued job is cancelled at once (its coordinator is revoked),
+        a running one stops at the next batch of trials. Returns the status."""
+        before = self.record
+        after = self._store.request_cancel(self.job_id)
+        if before.state is JobState.QUEUED:
+            try:
+                _revoke(self.job_id, before.executor)
+            except Exception:  # the coordinator checks the job row before it runs anyway
+                pass
+        return status_of(after)
+
+
+def status(job_id: str) -> dict[str, Any]:
+    """The status of job ``job_id`` (see :meth:`JobHandle.status`)."""
+    return JobHandle(job_id).status()
+
+
+def wait(job_id: str, timeout: float | None = None) -> dict[str, Any]:
+    """Wait for job ``job_id`` to finish (see :meth:`JobHandle.wait`)."""
+    return JobHandle(job_id).wait(timeout)
+
+
+def cancel(job_id: str) -> dict[str, Any]:
+    """Cancel job ``job_id`` (see :meth:`JobHandle.cancel`)."""
+    return JobHandle(job_id).cancel()

@@ -1,0 +1,184 @@
+"""The ``optimize`` task as workers run it: one coordinator per job, at a time, at least once.
+
+Brokers deliver at least once, so a coordinator message can arrive twice: redelivered
+after its worker died, or submitted twice. :func:`run_coordinator` makes that safe:
+
+- a job that is already finished (or was cancelled before it started) is reported, not run;
+- a *job lease* in Redis (``dmipro:lease:<job id>``, renewed while the coordinator runs)
+  lets one coordinator run a job at a time. A second delivery waits for the lease: when
+  the holder finishes it reports the result, when the holder's process died the lease
+  expires and it takes over, resuming from the checkpoints and the Optuna study;
+- a coordinator that fails before the job row says so marks the job failed, so
+  ``status`` never shows a dead job as queued.
+
+The timing knobs are environment variables read here, once per process:
+``DMIPRO_VISIBILITY_TIMEOUT`` (seconds before the Redis broker redelivers a message a
+silent worker holds; default 3600) and ``DMIPRO_LEASE_TTL`` (default: the visibility
+timeout, at most 60 s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dmipro.errors import ConfigError, DecodeError, DmiproError
+from dmipro.jobs.store import JobRecord, JobState, JobStore
+
+__all__ = [
+    "DEFAULT_VISIBILITY_TIMEOUT",
+    "SUMMARY_KEYS",
+    "job_summary",
+    "lease_ttl",
+    "run_coordinator",
+    "visibility_timeout",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+"""Seconds a Redis-broker message may stay unacknowledged by a silent worker before redelivery.
+
+Live Celery workers extend it for every message they hold (see ``celery_app``), so a
+long LM task or a coordinator running for hours is never redelivered while it runs;
+the value bounds how long a task of a dead worker waits before it runs elsewhere.
+"""
+
+SUMMARY_KEYS = (
+    "job_id", "baseline_score", "best_score", "trials", "lm_calls", "tokens", "cost_usd", "wall_s",
+    "stop_reason", "program_path", "registered",
+)
+"""Keys of the summary an ``optimize`` task returns (the ``--json`` report of a run)."""
+
+
+def _positive_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw}")
+    return value
+
+
+def visibility_timeout() -> float:
+    """``DMIPRO_VISIBILITY_TIMEOUT`` in seconds (default 3600)."""
+    return _positive_float("DMIPRO_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)
+
+
+def lease_ttl() -> float:
+    """``DMIPRO_LEASE_TTL`` in seconds (default: the visibility timeout, at most 60 s)."""
+    return _positive_float("DMIPRO_LEASE_TTL", max(2.0, min(60.0, visibility_timeout())))
+
+
+def job_summary(record: JobRecord) -> dict[str, Any]:
+    """What an ``optimize`` task returns for ``record``: the run summary and the job's state."""
+    result = record.result or {}
+    summary = {key: result.get(key) for key in SUMMARY_KEYS}
+    summary.update(job_id=record.id, state=record.state.value, error=record.error)
+    return summary
+
+
+@contextmanager
+def _job_lease(job_id: str, store: JobStore) -> Iterator[bool]:
+    """Hold the job's lease for the block; yields False when the job finished while waiting.
+
+    Without a Redis broker there is nothing to lease with: the block runs unguarded.
+    """
+    from dmipro.config import get_settings
+
+    url = get_settings().broker_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        yield True
+        return
+    import redis
+
+    ttl = lease_ttl()
+    client = redis.Redis.from_url(url)
+    key, token = f"dmipro:lease:{job_id}", uuid.uuid4().hex
+    waited = False
+    try:
+        while not client.set(key, token, nx=True, px=int(ttl * 1000)):
+            if not waited:
+                log.info("job %s is being coordinated elsewhere; waiting for its lease", job_id)
+                waited = True
+            if store.get(job_id).state.finished:
+                yield False
+                return
+            time.sleep(min(1.0, ttl / 4))
+        stop = threading.Event()
+        renewer = threading.Thread(target=_renew, args=(client, key, token, ttl, stop), daemon=True,
+                                   name=f"dmipro-lease-{job_id}")
+        renewer.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            renewer.join(timeout=ttl)
+            _release(client, key, token)
+    finally:
+        client.close()
+
+
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def _renew(client: Any, key: str, token: str, ttl: float, stop: threading.Event) -> None:
+    while not stop.wait(ttl / 3):
+        try:
+            if not client.eval(_RENEW, 1, key, token, int(ttl * 1000)):
+                log.error("lost the lease %s: another coordinator may run this job now", key)
+                return
+        except Exception as exc:  # Redis away for a moment: try again next beat
+            log.warning("renewing lease %s failed: %s", key, exc)
+
+
+def _release(client: Any, key: str, token: str) -> None:
+    try:
+        client.eval(_RELEASE, 1, key, token)
+    except Exception as exc:  # it expires on its own
+        log.warning("releasing lease %s failed: %s", key, exc)
+
+
+def run_coordinator(body: str, *, backend: str,
+                    on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume, or just report) the job named in an ``optimize`` payload; see the module docstring.
+
+    ``body`` is the task's JSON payload (``job_id``, optional ``executor``); work tasks go
+    to ``executor``, by default ``backend``. Returns :func:`job_summary` of the job.
+    """
+    from dmipro.teleprompt.mipro import run_job
+
+    try:
+        payload = json.loads(body)
+        job_id = str(payload["job_id"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DecodeError(f"optimize payload must be a JSON object with job_id: {exc}") from exc
+    executor = payload.get("executor") or backend
+    store = JobStore()
+    if store.get(job_id).state.finished:
+        return job_summary(store.get(job_id))
+    with _job_lease(job_id, store) as held:
+        record = store.get(job_id)
+        if not held or record.state.finished:
+            return job_summary(record)
+        try:
+            run_job(job_id, executor=executor, on_progress=on_progress, store=store)
+        except Exception as exc:
+            current = store.find(job_id)
+            if current is not None and not current.state.finished:
+                message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
+                store.finish(job_id, JobState.FAILED, error=message)
+            raise
+    return job_summary(store.get(job_id))

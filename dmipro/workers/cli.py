@@ -1,0 +1,166 @@
+"""Commands for workers and submitted jobs, as plain functions with typer annotations.
+
+The ``dmipro`` app mounts them: ``dmipro worker celery|rq``, ``dmipro submit``,
+``dmipro status``, ``dmipro wait``, ``dmipro cancel`` and ``dmipro flower``. Each turns a
+:class:`~dmipro.errors.DmiproError` into ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dmipro._cli_util import cli_errors
+from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
+
+__all__ = [
+    "cancel_cmd",
+    "flower_cmd",
+    "status_cmd",
+    "submit_cmd",
+    "wait_cmd",
+    "worker_celery",
+    "worker_rq",
+]
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+JobIdArg = Annotated[str, typer.Argument(help="The job id submit printed.", show_default=False)]
+
+
+def _emit(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+
+
+def _show(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _emit(report)
+    else:
+        typer.echo(_describe(report))
+
+
+def _describe(report: dict[str, Any]) -> str:
+    parts = [f"{report['job_id']}: {report['state']}"]
+    if report.get("phase"):
+        parts.append(f"phase {report['phase']}")
+    if report.get("trials_total"):
+        parts.append(f"trials {report.get('trials_done') or 0}/{report['trials_total']}")
+    if report.get("best_score") is not None:
+        parts.append(f"best {report['best_score']:.2f}")
+    if report.get("lm_calls") is not None:
+        parts.append(f"{report['lm_calls']} LM calls, {report.get('tokens') or 0} tokens")
+    line = ", ".join(parts)
+    if report.get("error"):
+        line += f"\nerror: {report['error']}"
+    return line
+
+
+@cli_errors
+def worker_celery(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] =
+        f"{COORDINATOR_QUEUE},{WORK_QUEUE}",
+    concurrency: Annotated[int, typer.Option(help="Task slots (threads or processes).")] = 8,
+    pool: Annotated[str, typer.Option(help="threads | prefork | solo (threads suit I/O-bound LM calls).")] =
+        "threads",
+    loglevel: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    hostname: Annotated[str | None, typer.Option(help="Worker name (default: celery@<host>).")] = None,
+) -> None:
+    """Run a Celery worker on the dmipro queues (broker: DMIPRO_BROKER_URL)."""
+    from dmipro.workers.celery_app import get_app
+    from dmipro.workers.setup import setup_worker_process
+
+    setup_worker_process(loglevel=loglevel)
+    argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}",
+            f"--loglevel={loglevel}", "--task-events"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    get_app().worker_main(argv)
+
+
+@cli_errors
+def worker_rq(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues, highest priority first. Coordinators "
+                                             "hold their worker for a whole job: give dmipro.coordinator its "
+                                             "own workers.")] = WORK_QUEUE,
+    burst: Annotated[bool, typer.Option(help="Exit once the queues are empty.")] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (each runs one task at a time).")] = 1,
+    loglevel: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+) -> None:
+    """Run RQ workers on the dmipro queues (Redis: DMIPRO_BROKER_URL)."""
+    from dmipro.workers.rq_worker import run_worker
+
+    run_worker(queues.split(","), burst=burst, workers=workers, loglevel=loglevel)
+
+
+@cli_errors
+def submit_cmd(
+    job: Annotated[Path, typer.Argument(help="Job file (YAML).", show_default=False)],
+    executor: Annotated[str, typer.Option("--executor", "-e", help="celery | rq")] = "celery",
+    as_json: JsonFlag = False,
+) -> None:
+    """Validate a job and queue it for the workers; prints its id."""
+    from dmipro.jobs.submit import submit
+
+    handle = submit(job, executor=executor)
+    if as_json:
+        _emit({"job_id": handle.job_id})
+    else:
+        typer.echo(f"submitted {handle.job_id} to {executor}; follow it with: dmipro status {handle.job_id}")
+
+
+@cli_errors
+def status_cmd(job_id: JobIdArg, as_json: JsonFlag = False) -> None:
+    """Show a job's state, phase, trials, best score and LM usage."""
+    from dmipro.jobs.submit import status
+
+    report = status(job_id)
+    _show(report, as_json)
+
+
+@cli_errors
+def wait_cmd(
+    job_id: JobIdArg,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 2).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Wait for a job to finish; exit 0 if it succeeded, 1 if it failed or was cancelled."""
+    from dmipro.jobs.submit import wait
+
+    report = wait(job_id, timeout)
+    _show(report, as_json)
+    if report["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@cli_errors
+def cancel_cmd(job_id: JobIdArg, as_json: JsonFlag = False) -> None:
+    """Cancel a job: a queued one at once, a running one after its current batch of trials."""
+    from dmipro.jobs.submit import cancel
+
+    report = cancel(job_id)
+    _show(report, as_json)
+
+
+@cli_errors
+def flower_cmd(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind (keep 127.0.0.1 unless auth is set).")] =
+        "127.0.0.1",
+    basic_auth: Annotated[str | None, typer.Option(help="user:password for the UI and API.")] = None,
+) -> None:
+    """Start Flower on the project's broker: workers, tasks, coordinator progress.
+
+    Flower's HTTP API (``/api/workers``, ``/api/tasks``) answers 401 unless auth is
+    configured (``--basic-auth user:password`` or ``FLOWER_BASIC_AUTH``) or
+    ``FLOWER_UNAUTHENTICATED_API=true`` is set in Flower's environment — use the latter
+    only on a trusted network.
+    """
+    from dmipro.workers.celery_app import get_app
+
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
+    get_app().start(argv)
