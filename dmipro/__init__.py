@@ -9,9 +9,9 @@ program = dmipro.load("math_qa")                           # the deployed versio
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from dmipro.api import evaluate, optimize
 from dmipro.errors import (
     ConfigError,
     DatasetError,
@@ -30,12 +30,49 @@ from dmipro.errors import (
     StorageError,
     TaskError,
 )
-from dmipro.evaluate import EvaluationResult, Evaluator
-from dmipro.events import Event, Subscriber, bus
-from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, ThreadExecutor, make_executor
-from dmipro.jobs import Job, JobSpec, JobState, JobStore, load_job
-from dmipro.lm import Usage, build_lm
-from dmipro.teleprompt import MIPROv2, OptimizationResult
+
+if TYPE_CHECKING:
+    from dmipro.api import evaluate, optimize
+    from dmipro.evaluate import EvaluationResult, Evaluator
+    from dmipro.events import Event, Subscriber, bus
+    from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, ThreadExecutor, make_executor
+    from dmipro.jobs import Job, JobSpec, JobState, JobStore, load_job
+    from dmipro.lm import Usage, build_lm
+    from dmipro.teleprompt import MIPROv2, OptimizationResult
+
+# Imported on first use, so `dmipro --help` and `import dmipro.errors` stay fast.
+_LAZY = {
+    "evaluate": "dmipro.api",
+    "optimize": "dmipro.api",
+    "EvaluationResult": "dmipro.evaluate",
+    "Evaluator": "dmipro.evaluate",
+    "Event": "dmipro.events",
+    "Subscriber": "dmipro.events",
+    "bus": "dmipro.events",
+    "ExecutorAdapter": "dmipro.executor_adapters",
+    "InlineExecutor": "dmipro.executor_adapters",
+    "ThreadExecutor": "dmipro.executor_adapters",
+    "make_executor": "dmipro.executor_adapters",
+    "Job": "dmipro.jobs",
+    "JobSpec": "dmipro.jobs",
+    "JobState": "dmipro.jobs",
+    "JobStore": "dmipro.jobs",
+    "load_job": "dmipro.jobs",
+    "Usage": "dmipro.lm",
+    "build_lm": "dmipro.lm",
+    "MIPROv2": "dmipro.teleprompt",
+    "OptimizationResult": "dmipro.teleprompt",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dmipro' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
