@@ -10,7 +10,8 @@ program = dmipro.load("math_qa")                           # the deployed versio
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import typing
+from typing import Any
 
 from dmipro.errors import (
     ConfigError,
@@ -31,9 +32,9 @@ from dmipro.errors import (
     TaskError,
 )
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from dmipro.api import evaluate, optimize
-    from dmipro.evaluate import EvaluationResult, Evaluator
+    from dmipro.evaluation import EvaluationResult, Evaluator
     from dmipro.events import Event, Subscriber, bus
     from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, ThreadExecutor, make_executor
     from dmipro.jobs import Job, JobSpec, JobState, JobStore, load_job
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "evaluate": "dmipro.api",
     "optimize": "dmipro.api",
-    "EvaluationResult": "dmipro.evaluate",
-    "Evaluator": "dmipro.evaluate",
+    "EvaluationResult": "dmipro.evaluation",
+    "Evaluator": "dmipro.evaluation",
     "Event": "dmipro.events",
     "Subscriber": "dmipro.events",
     "bus": "dmipro.events",

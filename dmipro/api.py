@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dmipro.errors import JobSpecError
-from dmipro.evaluate import EvaluationResult, Evaluator
+from dmipro.evaluation import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
 from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime
 from dmipro.teleprompt._coordinator import Coordinator, OptimizationResult, ProgressFn, plan_for

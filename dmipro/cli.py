@@ -237,7 +237,7 @@ def _evaluate_candidate(spec: Any, candidate: dict[str, Any]) -> float:
     """Score a candidate on the job's test split (held out from the optimization)."""
     import uuid
 
-    from dmipro.evaluate import Evaluator
+    from dmipro.evaluation import Evaluator
     from dmipro.executor_adapters import make_executor
     from dmipro.jobs import forget_runtime, register_runtime
 

@@ -15,7 +15,7 @@ import pytest
 import dmipro
 import dmipro.jobs.runtime as runtime_module
 from dmipro.errors import EvaluationError
-from dmipro.evaluate import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
+from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import Event, bus
 from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, ThreadExecutor
 from dmipro.jobs import JobRuntime, JobStore, forget_runtime, load_job, register_runtime

@@ -142,9 +142,10 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
 
     patterns = ("dspy.optimization.*", "dspy.evaluation.*", "dspy.registry.*", "dspy.signature.*")
 
-    def __init__(self, client: Any, *, capture_text: bool = False) -> None:
+    def __init__(self, client: Any, *, capture_text: bool = False, public_key: str | None = None) -> None:
         self.client = client
         self.capture_text = capture_text
+        self.public_key = public_key
         self._lock = threading.RLock()
         self._runs: dict[str, _Run] = {}
         self._compared: set[str] = set()
@@ -440,7 +441,7 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
             self.client.shutdown()
         except Exception as exc:
             log.warning("Langfuse shutdown failed (%s)", scrub(f"{type(exc).__name__}: {exc}"))
-        _forget_resources(os.environ.get("LANGFUSE_PUBLIC_KEY"))
+        _forget_resources(self.public_key)
 
 
 def _forget_resources(public_key: str | None) -> None:
@@ -497,7 +498,8 @@ def enable(*, capture_text: bool = False) -> LangfuseHandle | None:
         raise missing_extra("langfuse", exc) from exc
     client = Langfuse(tracer_provider=TracerProvider(id_generator=_id_generator()),
                       should_export_span=lambda span: True, mask=_mask)
-    subscriber = LangfuseSubscriber(client, capture_text=capture_text)
+    subscriber = LangfuseSubscriber(client, capture_text=capture_text,
+                                    public_key=os.environ["LANGFUSE_PUBLIC_KEY"])
     bus.add(subscriber)
     callbacks.add_listener(subscriber)
     return LangfuseHandle(subscriber)

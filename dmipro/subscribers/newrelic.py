@@ -100,7 +100,7 @@ def _attrs(data: dict[str, Any]) -> dict[str, Any]:
 class NewRelicSubscriber(Subscriber, LMCallListener):
     """Records dmipro events and LM calls into a New Relic application; see the module docstring."""
 
-    patterns = ("dspy.optimization.*", "dspy.signature.deployed")
+    patterns = ("dspy.optimization.*", "dspy.evaluation.start", "dspy.signature.deployed")
 
     def __init__(self, application: Any) -> None:
         self.application = application
@@ -119,9 +119,10 @@ class NewRelicSubscriber(Subscriber, LMCallListener):
 
     def on_event(self, event: Event) -> None:
         name, data = event.name, dict(event.data)
-        if name == "dspy.optimization.trial_start" and event.trial is not None:
+        if name in ("dspy.optimization.trial_start", "dspy.evaluation.start") and event.trial is not None:
+            # A full evaluation has no trial_start; its evaluation starts the clock.
             with self._lock:
-                self._started[(event.job_id, event.trial)] = time.perf_counter()
+                self._started.setdefault((event.job_id, event.trial), time.perf_counter())
         elif name == "dspy.optimization.trial_complete":
             with self._lock:
                 key = (event.job_id, event.trial if event.trial is not None else -1)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dmipro.errors import DmiproError, OptimizationError, TaskError
-from dmipro.evaluate import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
+from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import bus, correlate
 from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.jobs.candidate import Candidate, apply_candidate
