@@ -19,11 +19,11 @@ from dspy.utils.exceptions import AdapterParseError, LMRateLimitError, LMServerE
 from pydantic import BaseModel
 
 from dmipro.errors import ConfigError
-from dmipro.lm import _sim
-from dmipro.lm._math import steps
+from dmipro.lm import _surface
+from dmipro.lm._math import parse, steps
+from dmipro.lm._prompt import _read_prompt
 from dmipro.lm._sim import (
     OPTIMAL_INSTRUCTION,
-    PHRASE_CLAMP,
     SIM_OPTIONS,
     SimEngine,
     describe,
@@ -129,8 +129,8 @@ def test_reasoned_demos_count_more_than_labels_and_returns_diminish(train: list[
 
     def logit(demos: list[dspy.Example]) -> float:
         messages = adapter.format(program.predict.signature, demos, {"question": train[-1].question})  # type: ignore[attr-defined]
-        prompt = _sim._read_prompt(messages[0]["content"], [(m["role"], m["content"]) for m in messages[1:]])
-        return _sim._demos_effect(prompt, "answer")
+        prompt = _read_prompt(messages[0]["content"], [(m["role"], m["content"]) for m in messages[1:]])
+        return _surface._demos_effect(prompt, "answer")
 
     labeled = [dspy.Example(question=ex.question, answer=ex.answer) for ex in train[:8]]
     reasoned = _reasoned(train[:8])
@@ -141,13 +141,13 @@ def test_reasoned_demos_count_more_than_labels_and_returns_diminish(train: list[
 
 
 def test_phrase_pools_have_the_effects_they_are_filed_under() -> None:
-    for sentence in _sim._HELPFUL:
+    for sentence in _surface._HELPFUL:
         assert instruction_effect(sentence) > 0, sentence
-    for sentence in _sim._HARMFUL:
+    for sentence in _surface._HARMFUL:
         assert instruction_effect(sentence) < 0, sentence
-    for sentence in _sim._NEUTRAL + _sim._OPENINGS:
+    for sentence in _surface._NEUTRAL + _surface._OPENINGS:
         assert instruction_effect(sentence.format(basic="Answer the arithmetic word problem.")) == 0, sentence
-    assert instruction_effect(OPTIMAL_INSTRUCTION) == PHRASE_CLAMP[1]
+    assert instruction_effect(OPTIMAL_INSTRUCTION) == _surface.PHRASE_CLAMP[1]
     assert instruction_effect(dspy.ChainOfThought("question -> answer").predict.signature.instructions) == 0
 
 
@@ -171,15 +171,15 @@ def test_multistage_plan_feeds_the_solver(dev: list[dspy.Example]) -> None:
         result = program(question=dev[0].question)
     assert "1. Start from" in result.plan
     assert result.answer.strip().lstrip("-").isdigit()
-    problem = _sim._math.parse(dev[0].question)
+    problem = parse(dev[0].question)
     assert problem is not None
     good = "\n".join(
-        f"{i}. {_sim._PLAN_WORDS[op].capitalize()} {n}." for i, (op, n) in enumerate(problem.ops, start=2)
+        f"{i}. {_surface._PLAN_WORDS[op].capitalize()} {n}." for i, (op, n) in enumerate(problem.ops, start=2)
     )
     inputs = {"question": dev[0].question, "plan": good}
     messages = dspy.ChatAdapter().format(program.solve.predict.signature, [], inputs)
-    prompt = _sim._read_prompt(messages[0]["content"], [(m["role"], m["content"]) for m in messages[1:]])
-    assert _sim._plan_effect(prompt, problem) == _sim.PLAN_MATCH
+    prompt = _read_prompt(messages[0]["content"], [(m["role"], m["content"]) for m in messages[1:]])
+    assert _surface._plan_effect(prompt, problem) == _surface.PLAN_MATCH
 
 
 # --- adapters ---------------------------------------------------------------------------------
