@@ -21,7 +21,15 @@ from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.jobs.candidate import Candidate, fingerprint
 from dmipro.lm.usage import Usage
 
-__all__ = ["EvalRequest", "EvaluationResult", "Evaluator", "ExampleScore", "ScoreCache", "StoreScoreCache"]
+__all__ = [
+    "chunk_size_for",
+    "EvalRequest",
+    "EvaluationResult",
+    "Evaluator",
+    "ExampleScore",
+    "ScoreCache",
+    "StoreScoreCache",
+]
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,17 @@ class StoreScoreCache:
         self.store.put_scores(self.job_id, f"{self.split}:{fingerprint}", rows)
 
 
+def chunk_size_for(total: int, capacity: int, max_chunk: int) -> int:
+    """Examples per task so that ``total`` examples fill ``capacity`` slots in as few waves as possible.
+
+    ``max_chunk`` caps a task's size (a redelivered task repeats at most that much work);
+    within the cap, chunks are sized so the last wave is as full as the others.
+    """
+    slots = max(1, capacity)
+    waves = max(1, math.ceil(total / (slots * max(1, max_chunk))))
+    return max(1, math.ceil(total / (waves * slots)))
+
+
 class Evaluator:
     """Scores candidates of one job on one split through an executor."""
 
@@ -166,7 +185,7 @@ class Evaluator:
 
         todo = [(k, [i for i in ids if i not in scores]) for k, (_, ids, _, scores, _) in enumerate(plans)]
         total = sum(len(ids) for _, ids in todo)
-        chunk = max(1, min(self.chunk_size, math.ceil(total / max(1, self.executor.capacity))))
+        chunk = chunk_size_for(total, self.executor.capacity, self.chunk_size)
         payloads, owners = [], []
         for k, ids in todo:
             req = plans[k][0]

@@ -33,7 +33,7 @@ from dmipro.propose.grounded import (
     task_demos_for,
 )
 from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run, rng_for
-from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind
+from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind, trial_kind
 from dmipro.tracing import span
 
 __all__ = ["Coordinator", "OptimizationResult", "PhaseStats", "plan_for"]
@@ -522,71 +522,52 @@ class Coordinator:
             if self._cancelled():
                 stop_reason = "cancelled"
                 break
-            rerun = list(st.running)
-            due_full = 0
-            if plan.minibatch and not rerun:
-                target = plan.expected_full_evals if done >= plan.num_trials else done // plan.full_eval_steps
-                due_full = max(0, target - st.full_done)
-            if not rerun and not due_full and done >= plan.num_trials and st.baseline is not None:
-                break
             usage = self._total_usage()
             if self._budget.exhausted(usage) and st.baseline is not None:
                 stop_reason = "budget"
                 break
-            if due_full:
-                picks = st.next_full_evals(due_full)
-                if not picks:  # every combination already has a full score (tiny spaces)
-                    break
-                first = len(study.trials()) + 1
-                with span("dmipro.trial", job_id=self.job_id, kind=TrialKind.FULL, trial=first):
-                    results = evaluator.evaluate_many(
-                        [
-                            EvalRequest(space.candidate(p), val_ids, trial=first + j)
-                            for j, (_, p) in enumerate(picks)
-                        ]
-                    )
-                stats.depth += len(self.predictors)
-                for (key, params), res in zip(picks, results, strict=True):
-                    stats.task_lm.add(res.usage)
-                    study.add_full(params, res.score, st.batches)
-                    bus.emit(
-                        "dspy.optimization.trial_complete",
-                        trial=len(study.trials()),
-                        kind=TrialKind.FULL,
-                        score=res.score,
-                        candidate=key,
-                    )
-                save()
-                continue
 
-            # A batch: trials in flight before a restart, or new ones (with the baseline first).
+            # One round: the trials in flight before a restart; or the full evaluations now
+            # due and the next batch of trials. They are independent, so unless DSPy's exact
+            # sequence was asked for (parallel_trials=1) they are evaluated together.
+            rerun = list(st.running)
+            picks: list[tuple[str, dict[str, Any]]] = []
+            if plan.minibatch and not rerun:
+                target = plan.expected_full_evals if done >= plan.num_trials else done // plan.full_eval_steps
+                picks = st.next_full_evals(max(0, target - st.full_done))
             batch = st.batches
-            if rerun:
-                trials = rerun
-            else:
+            trials = rerun
+            if not rerun and (not picks or self.opt.parallel_trials != 1):
                 trials = []
                 if st.baseline is None:
                     trials.append(study.ask(TrialKind.BASELINE, batch, space.baseline_params()))
-                k = self._batch_size(st, plan, done, study.n_startup_trials)
+                k = self._batch_size(st, plan, done, study.n_startup_trials) if done < plan.num_trials else 0
                 room = self._budget.room_calls(usage)
-                if math.isfinite(room):
+                if k and math.isfinite(room):
                     per_example = eval_calls / eval_examples if eval_examples else 1.0
                     per_trial = plan.minibatch_size if plan.minibatch else len(val_ids)
                     k = min(k, int(room // max(1.0, per_example * per_trial)))
-                    if k < 1 and st.baseline is not None:
+                    if k < 1 and st.baseline is not None and not picks:
                         stop_reason = "budget"
                         break
                 kind = TrialKind.MINIBATCH if plan.minibatch else TrialKind.FULL
                 trials += [study.ask(kind, batch) for _ in range(max(0, k))]
+            if not picks and not trials:
+                break
+
             mb_ids = (
                 rng_for(self.seed, "minibatch", batch).sample(val_ids, plan.minibatch_size)
                 if plan.minibatch
                 else val_ids
             )
-            requests = []
+            first_full = len(study.trials()) + 1
+            requests = [
+                EvalRequest(space.candidate(params), val_ids, trial=first_full + j)
+                for j, (_, params) in enumerate(picks)
+            ]
             for t in trials:
-                kind = t.user_attrs.get("kind", TrialKind.MINIBATCH)
-                ids = val_ids if kind != TrialKind.MINIBATCH else mb_ids
+                kind = trial_kind(t) or TrialKind.MINIBATCH
+                ids = mb_ids if kind == TrialKind.MINIBATCH else val_ids
                 requests.append(EvalRequest(space.candidate(t.params), ids, trial=t.number + 1))
                 bus.emit(
                     "dspy.optimization.trial_start",
@@ -597,14 +578,24 @@ class Coordinator:
             with span(
                 "dmipro.trial",
                 job_id=self.job_id,
-                kind="batch",
                 batch=batch,
-                trial=",".join(str(t.number + 1) for t in trials),
+                trial=",".join(str(r.trial) for r in requests),
             ):
                 results = self._evaluate(evaluator, requests)
             stats.depth += len(self.predictors)
-            for t, res in zip(trials, results, strict=True):
-                if t.user_attrs.get("kind") == TrialKind.BASELINE and res.n and res.errors == res.n:
+
+            for (key, params), res in zip(picks, results, strict=False):
+                stats.task_lm.add(res.usage)
+                study.add_full(params, res.score, batch)
+                bus.emit(
+                    "dspy.optimization.trial_complete",
+                    trial=len(study.trials()),
+                    kind=TrialKind.FULL,
+                    score=res.score,
+                    candidate=key,
+                )
+            for t, res in zip(trials, results[len(picks) :], strict=True):
+                if trial_kind(t) == TrialKind.BASELINE and res.n and res.errors == res.n:
                     first_error = next(r.error for r in res.results if r.error)
                     raise OptimizationError(
                         f"the program failed on every validation example; first error: {first_error}"
@@ -616,7 +607,7 @@ class Coordinator:
                 bus.emit(
                     "dspy.optimization.trial_complete",
                     trial=t.number + 1,
-                    kind=t.user_attrs.get("kind"),
+                    kind=trial_kind(t),
                     score=res.score,
                     candidate=space.key(t.params),
                 )
@@ -722,12 +713,12 @@ class Coordinator:
         for t in study.trials():
             if t.value is None:
                 continue
-            kind = t.user_attrs.get("kind")
+            kind = trial_kind(t)
             entry = {
                 "kind": kind,
                 "score": float(t.value),
                 "params": dict(t.params),
-                "candidate": t.user_attrs.get("key"),
+                "candidate": space.key(t.params),
                 "full_eval": kind != TrialKind.MINIBATCH,
             }
             trial_logs[t.number + 1] = entry

@@ -2,7 +2,7 @@
 
 The study lives in the job database (Optuna's RDB storage), named after the job, so a
 restarted coordinator continues it. All bookkeeping is on the trials themselves
-(``user_attrs``: kind, batch, combination key), so the search state can always be
+(one ``dmipro`` user attribute: kind and batch), so the search state can always be
 rebuilt from storage — there is no state in closures or in the coordinator's memory.
 """
 
@@ -15,7 +15,16 @@ from typing import Any
 
 from dmipro.jobs.candidate import Candidate
 
-__all__ = ["SearchSpace", "SearchState", "Study", "TrialKind"]
+__all__ = ["SearchSpace", "SearchState", "Study", "TrialKind", "trial_kind"]
+
+
+_ATTR = "dmipro"
+
+
+def trial_kind(trial: Any) -> str | None:
+    """The kind (baseline, minibatch, full) dmipro recorded on a trial."""
+    kind = trial.user_attrs.get(_ATTR, {}).get("kind")
+    return str(kind) if kind is not None else None
 
 
 class TrialKind:
@@ -122,9 +131,8 @@ class Study:
         if params is not None:
             self.study.enqueue_trial(params)
         trial = self.study.ask(self.space.distributions())
-        trial.set_user_attr("kind", kind)
-        trial.set_user_attr("batch", batch)
-        trial.set_user_attr("key", self.space.key(trial.params))
+        # One attribute, one storage write: each write is a transaction on the critical path.
+        trial.set_user_attr(_ATTR, {"kind": kind, "batch": batch})
         return trial
 
     def tell(self, number: int, score: float) -> None:
@@ -138,7 +146,7 @@ class Study:
                 params=params,
                 distributions=self.space.distributions(),
                 value=score,
-                user_attrs={"kind": TrialKind.FULL, "batch": batch, "key": self.space.key(params)},
+                user_attrs={_ATTR: {"kind": TrialKind.FULL, "batch": batch}},
             )
         )
 
@@ -148,15 +156,15 @@ class Study:
         done, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
         st = SearchState()
         for t in self.study.get_trials(deepcopy=False):
-            kind = t.user_attrs.get("kind")
-            st.batches = max(st.batches, int(t.user_attrs.get("batch", -1)) + 1)
+            kind = trial_kind(t)
+            st.batches = max(st.batches, int(t.user_attrs.get(_ATTR, {}).get("batch", -1)) + 1)
             if t.state == running:
                 st.running.append(t)
                 continue
             if t.state != done or t.value is None:
                 continue
             st.completed += 1
-            key = t.user_attrs.get("key") or self.space.key(t.params)
+            key = self.space.key(t.params)
             if kind == TrialKind.MINIBATCH:
                 st.minibatch_done += 1
                 st.mb_scores[key].append(float(t.value))
