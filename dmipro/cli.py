@@ -30,6 +30,14 @@ sim_app = typer.Typer(help="The offline simulated LM.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
 
 
+@app.callback()
+def _setup() -> None:
+    """Turn on the subscribers named in DMIPRO_SUBSCRIBERS / dmipro.yaml (cheap when none are)."""
+    from dmipro import observability
+
+    observability.setup()
+
+
 def _mount() -> None:
     from dmipro.registry.cli import export_command, import_command, registry_app
 

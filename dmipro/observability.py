@@ -9,9 +9,11 @@ or ``subscribers:`` in dmipro.yaml): ``otel``, ``langfuse``, ``newrelic``. It is
 idempotent per process — a second call enables only names not yet enabled — and, with
 no subscribers configured, does nothing but read the settings. An unknown name, or a
 subscriber whose library is missing, is a :class:`~dmipro.errors.ConfigError` that
-says what to fix. ``setup_worker`` does the same and instruments Celery when ``otel``
-is on. Observability never breaks a run: exporters are guarded, subscribers that raise
-are logged and skipped, and API keys are scrubbed from everything exported.
+says what to fix. With ``otel`` on, Celery (when installed) is instrumented too.
+``setup_worker`` is the same call, made by worker processes after the fork.
+
+Observability never breaks a run: exporters are guarded, subscribers that raise are
+logged and skipped, and API keys are scrubbed from everything exported.
 
 Collecting spans from other processes (e.g. a Celery worker in a test): give the
 worker ``DMIPRO_SUBSCRIBERS=otel``, ``DMIPRO_OTEL_EXPORT_FILE=/path/spans-{pid}.jsonl``
@@ -76,8 +78,14 @@ def _enable(name: str, settings: Settings, span_exporters: Sequence[Any],
     if name == "otel":
         from dmipro.subscribers import otel
 
-        return otel.enable(capture_text=settings.capture_text, span_exporters=span_exporters,
-                           metric_readers=metric_readers)
+        handle = otel.enable(capture_text=settings.capture_text, span_exporters=span_exporters,
+                             metric_readers=metric_readers)
+        try:
+            handle.celery_instrumented = otel.instrument_celery()
+        except Exception:
+            handle.close()
+            raise
+        return handle
     if name == "langfuse":
         from dmipro.subscribers import langfuse
 
@@ -92,8 +100,9 @@ def setup(settings: Settings | None = None, *, span_exporters: Sequence[Any] = (
     """Enable the configured subscribers in this process; returns the names now active.
 
     ``span_exporters`` and ``metric_readers`` (OpenTelemetry SDK objects) are added to
-    the ``otel`` subscriber's own, e.g. an in-memory exporter in tests. A subscriber that
-    is configured but off for lack of credentials (Langfuse without keys) is not listed.
+    the ``otel`` subscriber's own when it is switched on by this call, e.g. an in-memory
+    exporter in tests. A subscriber that is configured but off for lack of credentials
+    (Langfuse without keys) is not listed.
     """
     global _atexit_registered
     settings = settings or get_settings()
@@ -101,10 +110,18 @@ def setup(settings: Settings | None = None, *, span_exporters: Sequence[Any] = (
     if not names:
         return enabled()
     with _lock:
-        for name in names:
-            if name in _handles:
-                continue
-            _handles[name] = _enable(name, settings, span_exporters, metric_readers)
+        added: list[str] = []
+        try:
+            for name in names:
+                if name not in _handles:
+                    _handles[name] = _enable(name, settings, span_exporters, metric_readers)
+                    added.append(name)
+        except BaseException:
+            for name in reversed(added):  # all or nothing: undo what this call switched on
+                handle = _handles.pop(name)
+                if handle is not None:
+                    handle.close()
+            raise
         if not _atexit_registered:
             atexit.register(shutdown)
             _atexit_registered = True
@@ -112,20 +129,13 @@ def setup(settings: Settings | None = None, *, span_exporters: Sequence[Any] = (
 
 
 def setup_worker(settings: Settings | None = None) -> tuple[str, ...]:
-    """:func:`setup` for a worker process, plus Celery instrumentation when ``otel`` is on.
+    """:func:`setup` for a worker process; call it after the fork.
 
-    Call it after the fork: in Celery's ``worker_process_init`` (prefork and solo pools
-    both send it) and at the start of an RQ worker.
+    That is Celery's ``worker_process_init`` (prefork and solo pools both send it) and
+    the start of an RQ worker. With ``otel`` on, Celery is instrumented (as in every
+    process where Celery is installed), so task publish and run spans join the trace.
     """
-    active = setup(settings)
-    if "otel" in active:
-        from dmipro.subscribers import otel
-
-        with _lock:
-            handle = _handles.get("otel")
-            if otel.instrument_celery() and handle is not None:
-                handle.celery_instrumented = True  # type: ignore[attr-defined]
-    return active
+    return setup(settings)
 
 
 def enabled() -> tuple[str, ...]:

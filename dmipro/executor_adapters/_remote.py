@@ -84,7 +84,8 @@ def remote_error(task: str, type_name: str, message: str) -> DmiproError:
             if isinstance(error, errors.JobSpecError) and match:
                 error.field = match["field"]
             return error
-    return TaskError(f"task {task} failed on a worker: {type_name}: {message}", task=task, error_type=type_name)
+    return TaskError(f"task {task} failed on a worker: {type_name}: {message}", task=task,
+                     error_type=type_name)
 
 
 class RemoteExecutor(ExecutorAdapter):

@@ -86,7 +86,8 @@ def _outcome(task: str, meta: Any) -> Outcome | None:
     if status == _SUCCESS:
         result = meta.get("result")
         if not isinstance(result, dict):
-            return Outcome(error=DecodeError(f"task {task} returned {type(result).__name__}, not a JSON object"))
+            return Outcome(error=DecodeError(f"task {task} returned {type(result).__name__}, "
+                                             "not a JSON object"))
         return Outcome(result=result)
     if status == _FAILURE:
         return Outcome(error=_failure(task, meta.get("result")))

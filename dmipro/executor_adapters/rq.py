@@ -67,8 +67,8 @@ class RQExecutor(RemoteExecutor):
         for tid, job in zip(ids, jobs, strict=True):
             task = self._task_name(tid)
             if job is None:
-                out[tid] = Outcome(error=TaskError(f"task {task}: its RQ job {tid} is gone from Redis (expired "
-                                                   "or deleted)", task=task, error_type="NoSuchJobError"))
+                gone = f"task {task}: its RQ job {tid} is gone from Redis (expired or deleted)"
+                out[tid] = Outcome(error=TaskError(gone, task=task, error_type="NoSuchJobError"))
                 continue
             status = job.get_status(refresh=False)
             if status == JobStatus.FINISHED:

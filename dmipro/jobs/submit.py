@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dmipro.errors import ConfigError, DmiproError, ExecutorError, JobSpecError, OptimizationError, StorageError
+from dmipro.errors import (
+    ConfigError,
+    DmiproError,
+    ExecutorError,
+    JobSpecError,
+    OptimizationError,
+    StorageError,
+)
 from dmipro.jobs._load import Job, build_program, load_job
 from dmipro.jobs.store import JobRecord, JobState, JobStore
 
@@ -72,15 +79,17 @@ def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = No
     :func:`check_database_for`), an id already taken or an unreachable broker.
     """
     if executor not in REMOTE_EXECUTORS:
-        raise ConfigError(f"submit sends jobs to workers: executor must be one of {', '.join(REMOTE_EXECUTORS)}, "
-                          f"not {executor!r} (run in-process with dmipro optimize instead)")
+        raise ConfigError(f"submit sends jobs to workers: executor must be one of "
+                          f"{', '.join(REMOTE_EXECUTORS)}, not {executor!r} (run in-process with "
+                          "dmipro optimize instead)")
     job = spec if isinstance(spec, Job) else load_job(spec)
     check_database_for(job, executor)
     store = JobStore()
     if job_id is not None and store.find(job_id) is not None:
         raise JobSpecError(f"a job with id {job_id!r} already exists; pick another id or leave it out")
     _check_broker(executor)
-    job_spec = job.spec.model_copy(update={"executor": job.spec.executor.model_copy(update={"backend": executor})})
+    backend = job.spec.executor.model_copy(update={"backend": executor})
+    job_spec = job.spec.model_copy(update={"executor": backend})
     record = store.create(name=job_spec.name, spec=job_spec.model_dump(mode="json"), executor=executor,
                           job_id=job_id)
     try:
@@ -222,8 +231,8 @@ class JobHandle:
         record = self.record
         if record.state is not JobState.SUCCEEDED:
             detail = f": {record.error}" if record.error else ""
-            raise OptimizationError(f"job {self.job_id} is {record.state.value}{detail}; a result exists only "
-                                    "for a succeeded job")
+            raise OptimizationError(f"job {self.job_id} is {record.state.value}{detail}; a result exists "
+                                    "only for a succeeded job")
         path = (record.result or {}).get("program_path")
         if not path:
             raise StorageError(f"job {self.job_id} succeeded but recorded no program_path")
@@ -237,7 +246,8 @@ class JobHandle:
         try:
             program.load(path)
         except Exception as exc:
-            raise StorageError(f"cannot load {path} onto {spec.program}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(f"cannot load {path} onto {spec.program}: "
+                               f"{type(exc).__name__}: {exc}") from exc
         return program
 
     def cancel(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmipro.teleprompt._plan import rng_for
+from dmipro.seeding import rng_for
 
 __all__ = [
     "MAX_DATA_BATCHES",

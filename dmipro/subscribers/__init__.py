@@ -28,7 +28,6 @@ __all__ = [
     "EXTRAS",
     "KNOWN_SUBSCRIBERS",
     "REDACTED",
-    "AttributeValue",
     "flat_attributes",
     "is_secret_key",
     "missing_extra",
@@ -44,9 +43,6 @@ EXTRAS: dict[str, str] = {"otel": "otel", "langfuse": "langfuse", "newrelic": "n
 """The ``dmipro[...]`` extra that installs each subscriber's library."""
 
 REDACTED = "[REDACTED]"
-
-AttributeValue = str | bool | int | float | list[str] | list[bool] | list[int] | list[float]
-"""A value OpenTelemetry accepts as a span or metric attribute."""
 
 _SECRET_NAME = re.compile(
     r"(^|[_\-.])(api_?key|apikey|secret|secret_?key|client_?secret|password|passwd|authorization|auth|"

@@ -42,6 +42,7 @@ from dmipro.lm.callbacks import LMCall, LMCallListener
 from dmipro.subscribers import missing_extra, scrub
 
 __all__ = [
+    "PRODUCTION",
     "LangfuseHandle",
     "LangfuseSubscriber",
     "enable",
@@ -53,7 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PRODUCTION = "production"
-_PHASES = ("bootstrap", "propose", "search")
+"""The Langfuse label of the deployed version."""
 
 _next_span_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "dmipro_langfuse_span_id", default=None
@@ -501,5 +502,5 @@ def enable(*, capture_text: bool = False) -> LangfuseHandle | None:
     subscriber = LangfuseSubscriber(client, capture_text=capture_text,
                                     public_key=os.environ["LANGFUSE_PUBLIC_KEY"])
     bus.add(subscriber)
-    callbacks.add_listener(subscriber)
+    callbacks.add_listener(subscriber, capture_text=capture_text or None)
     return LangfuseHandle(subscriber)

@@ -41,8 +41,8 @@ from dmipro.errors import ConfigError
 from dmipro.events import Event, Subscriber, bus
 from dmipro.lm import callbacks
 from dmipro.lm.callbacks import LMCall, LMCallListener
+from dmipro.subscribers import REDACTED as _REDACTED
 from dmipro.subscribers import (
-    REDACTED,
     flat_attributes,
     is_secret_key,
     missing_extra,
@@ -57,6 +57,7 @@ __all__ = [
     "OtelLMListener",
     "OtelSubscriber",
     "enable",
+    "celery_instrumented",
     "instrument_celery",
     "read_span_file",
 ]
@@ -214,7 +215,7 @@ def _clean_attributes(attrs: Any, secrets: tuple[str, ...]) -> tuple[dict[str, A
     for key, value in (attrs or {}).items():
         new = value
         if is_secret_key(key):
-            new = REDACTED
+            new = _REDACTED
         elif isinstance(value, str):
             new = scrub_text(value, secrets)
         elif isinstance(value, tuple | list) and any(isinstance(v, str) for v in value):
@@ -557,6 +558,11 @@ class OtelHandle:
             except Exception:
                 log.debug("meter provider flush failed", exc_info=True)
 
+    def _is_global_meter_provider(self) -> bool:
+        from opentelemetry import metrics
+
+        return metrics.get_meter_provider() is self.meter_provider
+
     def close(self) -> None:
         """Flush, then detach from the bus, DSPy and the tracer provider."""
         bus.remove(self.subscriber)
@@ -568,7 +574,8 @@ class OtelHandle:
                 p.shutdown()
             except Exception:
                 log.debug("span processor shutdown failed", exc_info=True)
-        if self.meter_provider is not None:
+        if self.meter_provider is not None and not self._is_global_meter_provider():
+            # The global one stays open: other instrumentation (Celery's) holds meters from it.
             try:
                 self.meter_provider.shutdown()
             except Exception:
@@ -615,17 +622,14 @@ def enable(*, capture_text: bool = False, span_exporters: Sequence[Any] = (),
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
     provider, owned = _tracer_provider()
-    processors: list[Any] = []
+    # Read all configuration before anything starts a thread, so a ConfigError leaves nothing behind.
+    batched = [_otlp_span_exporter() if name == "otlp" else ConsoleSpanExporter()
+               for name in (_exporter_names("OTEL_TRACES_EXPORTER") if owned else [])]
+    batched += list(span_exporters)
     path = os.environ.get("DMIPRO_OTEL_EXPORT_FILE")
-    if path:
-        processors.append(SimpleSpanProcessor(_guarded(JsonLinesSpanExporter(path))))
-    if owned:
-        for name in _exporter_names("OTEL_TRACES_EXPORTER"):
-            exporter = _otlp_span_exporter() if name == "otlp" else ConsoleSpanExporter()
-            processors.append(BatchSpanProcessor(_guarded(exporter)))
-    for exporter in span_exporters:
-        processors.append(BatchSpanProcessor(_guarded(exporter)))
     meter, meter_provider = _meter_provider(metric_readers)
+    processors: list[Any] = [SimpleSpanProcessor(_guarded(JsonLinesSpanExporter(path)))] if path else []
+    processors += [BatchSpanProcessor(_guarded(exporter)) for exporter in batched]
     instruments = _Instruments(meter)
     relay = _relay_for(provider)
     relay.processors = (*relay.processors, *processors)
@@ -637,21 +641,29 @@ def enable(*, capture_text: bool = False, span_exporters: Sequence[Any] = (),
                       subscriber=subscriber)
 
 
+def celery_instrumented() -> bool:
+    """Whether OpenTelemetry's Celery instrumentation is active in this process."""
+    try:
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    except ImportError:
+        return False
+    return bool(CeleryInstrumentor().is_instrumented_by_opentelemetry)  # type: ignore[no-untyped-call]
+
+
 def instrument_celery() -> bool:
     """Instrument Celery (publish and run spans, context in message headers) if Celery is installed.
 
-    Returns whether Celery is now instrumented. Call it in each worker process after
-    the fork (``worker_process_init``) and in the process that sends tasks.
+    Returns whether this call switched the instrumentation on (False: no Celery, or it
+    was on already). Worker processes get it after the fork (``worker_process_init``);
+    the process that sends tasks gets it too.
     """
     import importlib.util
 
-    if importlib.util.find_spec("celery") is None:
+    if importlib.util.find_spec("celery") is None or celery_instrumented():
         return False
     try:
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
     except ImportError as exc:
         raise missing_extra("otel", exc) from exc
-    instrumentor = CeleryInstrumentor()  # type: ignore[no-untyped-call]
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument()
+    CeleryInstrumentor().instrument()  # type: ignore[no-untyped-call]
     return True

@@ -51,10 +51,15 @@ def execute(name: str, body: str) -> dict[str, Any]:
         raise DecodeError(f"task {name}: payload is not JSON ({exc})") from exc
     if not isinstance(payload, dict):
         raise DecodeError(f"task {name}: payload must be a JSON object")
+    from dmipro.observability import background_task
     from dmipro.tracing import attach, span
 
     try:
-        with attach(payload.pop("_trace", None)), span(f"dmipro.task.{name}", job_id=payload.get("job")):
+        with (
+            attach(payload.pop("_trace", None)),
+            span(f"dmipro.task.{name}", job_id=payload.get("job")),
+            background_task(name),
+        ):
             result = fn(payload)
     except DmiproError:
         raise

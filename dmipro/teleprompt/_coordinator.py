@@ -32,7 +32,8 @@ from dmipro.propose.grounded import (
     program_code,
     task_demos_for,
 )
-from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run, rng_for
+from dmipro.seeding import rng_for
+from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run
 from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind, trial_kind
 from dmipro.tracing import span
 

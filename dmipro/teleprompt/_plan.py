@@ -7,11 +7,11 @@ follow from the settings, the program's predictor count and the data sizes.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Literal
 
 from dmipro.errors import OptimizationError
+from dmipro.seeding import rng_for
 
 __all__ = [
     "AUTO_RUN_SETTINGS",
@@ -35,15 +35,6 @@ AUTO_RUN_SETTINGS = {
     "medium": {"n": 12, "val_size": 300},
     "heavy": {"n": 18, "val_size": 1000},
 }
-
-
-def rng_for(seed: int, *purpose: object) -> random.Random:
-    """A generator for one purpose, seeded by the job seed and the purpose.
-
-    Independent streams (not one shared sequence) keep every decision the same
-    whatever order parallel tasks finish in.
-    """
-    return random.Random(":".join(str(p) for p in (seed, *purpose)))
 
 
 def num_trials_for(num_predictors: int, zeroshot: bool, num_candidates: int) -> int:

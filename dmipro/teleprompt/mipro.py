@@ -248,6 +248,9 @@ def run_job(
     store: JobStore | None = None,
 ) -> dict[str, Any]:
     """Run or resume a stored job to the end; returns its summary (a finished job is not run again)."""
+    from dmipro import observability
+
+    observability.setup()
     store = store or JobStore()
     record = store.get(job_id)
     if record.state.finished and record.result is not None:
@@ -260,9 +263,10 @@ def run_job(
         else make_executor(executor or runtime.spec.executor.backend, runtime.spec.executor.concurrency)
     )
     try:
-        result = Coordinator(
-            job_id, runtime, ex, store=store, on_progress=on_progress, program_path=program_path
-        ).run()
+        with observability.background_task("optimize"):
+            result = Coordinator(
+                job_id, runtime, ex, store=store, on_progress=on_progress, program_path=program_path
+            ).run()
     finally:
         if owned:
             ex.close()

@@ -42,7 +42,7 @@ from dmipro.errors import ConfigError
 
 try:
     from celery import Celery, Task, signals
-    from kombu import Exchange, Queue
+    from kombu.entity import Exchange, Queue
 except ImportError as _exc:  # pragma: no cover - depends on the installed extras
     raise ConfigError("the Celery executor needs the celery extra: pip install 'dmipro[celery]'") from _exc
 
@@ -119,8 +119,8 @@ def _config(broker_url: str, result_backend: str) -> dict[str, Any]:
         "task_default_queue": WORK_QUEUE,
         "task_default_exchange": EXCHANGE,
         "task_queues": (
-            Queue(COORDINATOR_QUEUE, Exchange(EXCHANGE, type="direct"), routing_key=COORDINATOR_QUEUE),
-            Queue(WORK_QUEUE, Exchange(EXCHANGE, type="direct"), routing_key=WORK_QUEUE),
+            _queue(COORDINATOR_QUEUE),
+            _queue(WORK_QUEUE),
         ),
         "task_routes": {
             task_name(name): {"queue": COORDINATOR_QUEUE if name == "optimize" else WORK_QUEUE}
@@ -128,6 +128,10 @@ def _config(broker_url: str, result_backend: str) -> dict[str, Any]:
         },
         "enable_utc": True,
     }
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(EXCHANGE, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
 
 
 def make_app(broker_url: str | None = None, result_backend: str | None = None) -> Celery:
@@ -250,14 +254,12 @@ def revoke_optimize(job_id: str, *, app: Celery | None = None) -> None:
 
 # -- worker process hooks ---------------------------------------------------------------
 
-@signals.worker_process_init.connect(weak=False)
 def _on_worker_process_init(**_: Any) -> None:
     from dmipro.workers.setup import setup_worker_process
 
     setup_worker_process()
 
 
-@signals.worker_init.connect(weak=False)
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # The thread pool runs tasks in this process and sends no worker_process_init; a prefork
     # parent must not set up here (its children would inherit threads across fork).
@@ -269,47 +271,66 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 
 class _DeliveryLeases:
-    """Extends the Redis broker's visibility timeout for every message this worker holds.
+    """Keeps the Redis broker's at-least-once promise for a worker's messages, alive or dead.
 
     kombu's Redis transport redelivers an unacknowledged message once its entry in the
-    ``unacked_index`` sorted set is older than the visibility timeout. Refreshing the
-    entries of the messages this worker has reserved or is running keeps them from being
-    redelivered while the worker lives; when it dies, the refresh stops and they come back
-    after the timeout.
+    ``unacked_index`` sorted set is older than the visibility timeout. This thread (one
+    per worker, in the main process) does two things:
+
+    - it refreshes the entries of every message this worker has reserved or is running,
+      so none is redelivered while the worker lives, however long the task runs;
+    - it runs kombu's restore sweep on a channel of its own, so the messages of a worker
+      that died come back after the timeout even when every live worker is busy (the
+      thread pool's synchronous loop sweeps only when it is idle).
     """
 
     def __init__(self, app: Celery) -> None:
         import redis
 
         options = app.conf.broker_transport_options or {}
+        self.app = app
         self.key = str(options.get("global_keyprefix", "")) + str(options.get("unacked_index_key",
                                                                              "unacked_index"))
-        self.period = max(0.5, min(60.0, float(options.get("visibility_timeout", 3600)) / 4))
+        vt = float(options.get("visibility_timeout", 3600))
+        self.refresh_every = max(0.5, min(60.0, vt / 4))
+        self.restore_every = max(1.0, min(60.0, vt / 5))
         self.client = redis.Redis.from_url(app.conf.broker_url)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="dmipro-delivery-leases", daemon=True)
 
     def _run(self) -> None:
+        next_restore = time.monotonic() + self.restore_every
+        with self.app.connection_for_read() as conn:
+            while not self.stop.wait(min(self.refresh_every, self.restore_every)):
+                self._refresh()
+                if time.monotonic() >= next_restore:
+                    next_restore = time.monotonic() + self.restore_every
+                    try:
+                        channel = conn.default_channel
+                        channel.qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
+                    except Exception as exc:
+                        log.warning("restoring messages of lost workers failed: %s", exc)
+
+    def _refresh(self) -> None:
         from celery.worker import state
 
-        while not self.stop.wait(self.period):
-            try:
-                tags = [req.message.delivery_tag for req in list(state.requests.values())]
-            except RuntimeError:  # the dict changed while copying; next beat
-                continue
-            if not tags:
-                continue
-            now = time.time()
-            try:
-                self.client.zadd(self.key, {tag: now for tag in tags if tag}, xx=True)
-            except Exception as exc:
-                log.warning("extending the visibility of %d messages failed: %s", len(tags), exc)
+        try:
+            tags = [req.message.delivery_tag for req in list(state.requests.values())]
+        except RuntimeError:  # the dict changed while copying; next beat
+            return
+        tags = [tag for tag in tags if tag]
+        if not tags:
+            return
+        now = time.time()
+        try:
+            self.client.zadd(self.key, {tag: now for tag in tags}, xx=True)
+        except Exception as exc:
+            log.warning("extending the visibility of %d messages failed: %s", len(tags), exc)
 
 
 _leases: _DeliveryLeases | None = None
 
 
-@signals.worker_ready.connect(weak=False)
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     global _leases
     app = getattr(sender, "app", None)
@@ -319,7 +340,12 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     _leases.thread.start()
 
 
-@signals.worker_shutdown.connect(weak=False)
 def _on_worker_shutdown(**_: Any) -> None:
     if _leases is not None:
         _leases.stop.set()
+
+
+signals.worker_process_init.connect(_on_worker_process_init, weak=False)
+signals.worker_init.connect(_on_worker_init, weak=False)
+signals.worker_ready.connect(_on_worker_ready, weak=False)
+signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)

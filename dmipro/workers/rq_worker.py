@@ -74,7 +74,7 @@ def redis_connection(url: str | None = None) -> Redis:
 
 
 def _record_error(exc: BaseException) -> None:
-    job = get_current_job()
+    job: Any = get_current_job()
     if job is None:
         return
     try:
@@ -112,7 +112,7 @@ def run_optimize(body: str) -> dict[str, Any]:
     from dmipro.workers.setup import setup_worker_process
 
     setup_worker_process()
-    job = get_current_job()
+    job: Any = get_current_job()
 
     def on_progress(progress: dict[str, Any]) -> None:
         if job is not None:
@@ -162,7 +162,8 @@ def cancel_optimize(job_id: str, *, connection: Redis | None = None) -> None:
         pass
 
 
-def make_worker(queues: Sequence[str], *, connection: Redis | None = None, name: str | None = None) -> SimpleWorker:
+def make_worker(queues: Sequence[str], *, connection: Redis | None = None,
+                name: str | None = None) -> SimpleWorker:
     """A worker for ``queues`` (in priority order) using the JSON serializer."""
     connection = connection or redis_connection()
     qs = [Queue(q, connection=connection, serializer=JSONSerializer) for q in queues]

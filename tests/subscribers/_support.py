@@ -55,7 +55,8 @@ def register_versions(job_id: str) -> list[Any]:
     for i, score in enumerate((60.0, 75.0)):
         program = build()
         predictor = program.named_predictors()[0][1]
-        predictor.signature = predictor.signature.with_instructions(f"Solve it step by step, version {i + 1}.")
+        instructions = f"Solve it step by step, version {i + 1}."
+        predictor.signature = predictor.signature.with_instructions(instructions)
         predictor.demos = [{"question": "What is 2 + 3?", "reasoning": "2 + 3 = 5", "answer": "5"}]
         record = ProgramRecord.from_program(program, program_ref="examples.math_qa.program:build",
                                             job_id=job_id, baseline_score=55.0, best_score=score)
@@ -92,11 +93,12 @@ class FakeLangfuse:
     """A Langfuse stand-in on a free loopback port that records every request and answers plausibly.
 
     OTLP trace exports are decoded (gzip, protobuf) to dicts; prompts are versioned and
-    labels moved as Langfuse does; ``fail=True`` answers everything with HTTP 500.
+    labels moved as Langfuse does; ``fail_status`` (e.g. 401, keys revoked) answers every
+    request with that error.
     """
 
-    def __init__(self, *, fail: bool = False) -> None:
-        self.fail = fail
+    def __init__(self, *, fail_status: int | None = None) -> None:
+        self.fail_status = fail_status
         self.requests: list[Captured] = []
         self.prompts: dict[str, list[_Prompt]] = {}
         self._lock = threading.Lock()
@@ -143,7 +145,8 @@ class FakeLangfuse:
 
     def dump(self) -> str:
         """Everything received, as text (for searching for leaked secrets)."""
-        return "\n".join(f"{r.method} {r.path} {r.headers} {json.dumps(r.body, default=str)}" for r in self.requests)
+        return "\n".join(f"{r.method} {r.path} {r.headers} {json.dumps(r.body, default=str)}"
+                         for r in self.requests)
 
     # -- server -------------------------------------------------------------------------
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -158,9 +161,9 @@ class FakeLangfuse:
                 data = gzip.decompress(raw) if self.headers.get("Content-Encoding") == "gzip" else raw
                 if "protobuf" in (self.headers.get("Content-Type") or ""):
                     from google.protobuf.json_format import MessageToDict
-                    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+                    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-                    msg = ExportTraceServiceRequest()
+                    msg = trace_service_pb2.ExportTraceServiceRequest()
                     msg.ParseFromString(data)
                     body = MessageToDict(msg)
                     for rs in body.get("resourceSpans", []):  # ids as hex, like everywhere else
@@ -197,12 +200,13 @@ class FakeLangfuse:
 
         return Handler
 
-    def _route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, bytes, str]:
+    def _route(self, method: str, path: str, query: dict[str, list[str]],
+               body: Any) -> tuple[int, bytes, str]:
         def ok(data: Any, status: int = 200) -> tuple[int, bytes, str]:
             return status, json.dumps(data).encode(), "application/json"
 
-        if self.fail:
-            return ok({"message": "boom"}, 500)
+        if self.fail_status is not None:
+            return ok({"message": "refused"}, self.fail_status)
         if path == "/api/public/otel/v1/traces":
             return 200, b"", "application/x-protobuf"
         if path == "/api/public/scores":

@@ -68,7 +68,8 @@ def test_a_run_is_one_trace_with_phases_trials_generations_and_scores(
     scores = fake_langfuse.scores()
     trial_scores = [s for s in scores if s["name"] == "trial_score"]
     assert sorted(s["value"] for s in trial_scores) == sorted(e.data["score"] for e in trials)
-    assert {s["observationId"] for s in trial_scores} == {observation_id(job_id, "trial", e.trial) for e in trials}
+    expected_ids = {observation_id(job_id, "trial", e.trial) for e in trials}
+    assert {s["observationId"] for s in trial_scores} == expected_ids
     final = {s["name"]: s for s in scores if s["name"] != "trial_score"}
     assert final["baseline_score"]["value"] == summary["baseline_score"]
     assert final["best_score"]["value"] == summary["best_score"]
@@ -77,7 +78,9 @@ def test_a_run_is_one_trace_with_phases_trials_generations_and_scores(
     assert all(s["traceId"] == trace_id(job_id) for s in scores)
 
 
-def test_registered_versions_become_prompts_and_production_follows_deploys(fake_langfuse: FakeLangfuse) -> None:
+def test_registered_versions_become_prompts_and_production_follows_deploys(
+    fake_langfuse: FakeLangfuse,
+) -> None:
     observability.setup(LANGFUSE)
     infos = register_versions("job-7")
     assert [i.version for i in infos] == [1, 2]
@@ -99,13 +102,16 @@ def test_registered_versions_become_prompts_and_production_follows_deploys(fake_
     assert first["prompt"][1]["role"] == "user" and "What is 2 + 3?" in first["prompt"][1]["content"]
     assert first["prompt"][2]["role"] == "assistant" and "answer: 5" in first["prompt"][2]["content"]
     meta = first["config"]["dmipro"]
-    assert (meta["name"], meta["version"], meta["job_id"], meta["best_score"]) == ("math_qa", 1, "job-7", 60.0)
+    assert (meta["name"], meta["version"], meta["job_id"]) == ("math_qa", 1, "job-7")
+    assert meta["best_score"] == 60.0
     assert [r.body["newLabels"] for r in fake_langfuse.calls("PATCH", "/api/public/v2/prompts/")] == [
         ["production", "v1"], ["production", "v2"], ["production", "v1"]
     ]
 
 
-def test_a_deploy_of_a_version_pushed_by_another_process_finds_it_by_label(fake_langfuse: FakeLangfuse) -> None:
+def test_a_deploy_of_a_version_pushed_by_another_process_finds_it_by_label(
+    fake_langfuse: FakeLangfuse,
+) -> None:
     observability.setup(LANGFUSE)
     register_versions("job-8")
     observability.shutdown()  # a new process knows nothing of what it pushed
@@ -137,3 +143,31 @@ def _json(text: str) -> dict[str, float]:
 
     value: dict[str, float] = json.loads(text)
     return value
+
+
+def test_switched_off_and_on_again_it_still_sends(fake_langfuse: FakeLangfuse) -> None:
+    observability.setup(LANGFUSE)
+    observability.shutdown()
+    observability.setup(LANGFUSE)
+    job_id, _ = run_tiny()
+    observability.shutdown()
+    assert any(s["name"] == "dmipro.optimize" for s in fake_langfuse.spans())
+    assert any(s["name"] == "best_score" for s in fake_langfuse.scores())
+
+
+def test_generation_text_only_with_capture_text(fake_langfuse: FakeLangfuse) -> None:
+    import dspy
+
+    from dmipro.events import correlate
+    from dmipro.lm._sim import sim_lm
+
+    for capture in (False, True):
+        job = f"job-capture-{capture}"
+        observability.setup(Settings(subscribers=("langfuse",), capture_text=capture))
+        with correlate(job_id=job), dspy.context(lm=sim_lm()):
+            dspy.Predict("question -> answer")(question="What is 2 + 3?")
+        observability.shutdown()
+        (generation,) = [s for s in fake_langfuse.spans() if s["trace_id"] == trace_id(job)]
+        assert generation["parent_span_id"] == observation_id(job)
+        text = generation["attributes"].get("langfuse.observation.input", "")
+        assert ("What is 2 + 3?" in text) is capture

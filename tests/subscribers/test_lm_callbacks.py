@@ -113,7 +113,8 @@ def test_the_users_callbacks_stay_and_keep_working() -> None:
         settings_module.main_thread_config["callbacks"] = before
 
 
-def test_a_failing_listener_never_breaks_the_call(recorder: Recorder, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_listener_never_breaks_the_call(recorder: Recorder,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     class Broken(LMCallListener):
         def on_start(self, call: LMCall) -> Any:
             raise RuntimeError("listener start failed")

@@ -1,4 +1,4 @@
-"""The OpenTelemetry subscriber: LM-call spans that add up to the run's usage, span nesting, metrics, export."""
+"""The OpenTelemetry subscriber: LM-call spans adding up to the run's usage, nesting, metrics, export."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _setup(settings: Settings = OTEL) -> tuple[InMemorySpanExporter, InMemoryMet
 
 def _lm_spans(exporter: InMemorySpanExporter) -> list[Any]:
     observability.flush()
-    return [s for s in exporter.get_finished_spans() if (s.attributes or {}).get("gen_ai.operation.name") == "chat"]
+    spans = exporter.get_finished_spans()
+    return [s for s in spans if (s.attributes or {}).get("gen_ai.operation.name") == "chat"]
 
 
 def _metrics(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
@@ -53,9 +54,11 @@ def test_lm_call_spans_add_up_to_the_usage_the_run_reports() -> None:
     billed = [s for s in spans if not s.attributes["dmipro.lm.cache_hit"]]
     assert summary["lm_calls"] > 0
     assert len(billed) == summary["lm_calls"]
-    tokens = sum(s.attributes["gen_ai.usage.input_tokens"] + s.attributes["gen_ai.usage.output_tokens"] for s in spans)
+    tokens = sum(s.attributes["gen_ai.usage.input_tokens"] + s.attributes["gen_ai.usage.output_tokens"]
+                 for s in spans)
     assert tokens == summary["tokens"]
-    assert math.isclose(sum(s.attributes["dmipro.lm.cost_usd"] for s in spans), summary["cost_usd"], rel_tol=1e-9)
+    cost = sum(s.attributes["dmipro.lm.cost_usd"] for s in spans)
+    assert math.isclose(cost, summary["cost_usd"], rel_tol=1e-9)
     for s in spans:
         assert s.name == "chat sim/math"
         assert s.attributes["gen_ai.request.model"] == "sim/math"
@@ -128,7 +131,8 @@ def test_run_metrics(recorded_events: list[Event]) -> None:
     assert sum(p.value for p in metrics["dmipro.lm.calls"]) == summary["lm_calls"]
     assert math.isclose(sum(p.value for p in metrics["dmipro.lm.cost"]), summary["cost_usd"], rel_tol=1e-9)
     assert sum(p.count for p in metrics["dmipro.trial.duration"]) == len(events)
-    assert sum(p.sum for p in metrics["dmipro.trial.score"]) == pytest.approx(sum(e.data["score"] for e in events))
+    scores = sum(p.sum for p in metrics["dmipro.trial.score"])
+    assert scores == pytest.approx(sum(e.data["score"] for e in events))
     runs = metrics["dmipro.optimization.runs"]
     assert [(p.attributes["dmipro.status"], p.value) for p in runs] == [("succeeded", 1)]
     assert sum(p.value for p in metrics["dmipro.evaluation.examples"]) > 0
@@ -150,7 +154,8 @@ def test_unknown_model_has_unknown_cost_not_zero() -> None:
 def test_cache_hits_are_marked_and_cost_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     from dspy.clients.cache import Cache
 
-    monkeypatch.setattr(dspy, "cache", Cache(enable_disk_cache=False, enable_memory_cache=True, disk_cache_dir=None))
+    memory_only = Cache(enable_disk_cache=False, enable_memory_cache=True, disk_cache_dir=None)
+    monkeypatch.setattr(dspy, "cache", memory_only)
     exporter, _ = _setup()
     lm = sim_lm("sim/math", cache=True)
     question = "Ada has 7 apples and buys 5 more. How many apples does Ada have now? (cache test)"
@@ -160,7 +165,8 @@ def test_cache_hits_are_marked_and_cost_nothing(monkeypatch: pytest.MonkeyPatch)
     first, second = _lm_spans(exporter)
     assert first.attributes["dmipro.lm.cache_hit"] is False
     assert second.attributes["dmipro.lm.cache_hit"] is True
-    assert second.attributes["gen_ai.usage.input_tokens"] == second.attributes["gen_ai.usage.output_tokens"] == 0
+    assert second.attributes["gen_ai.usage.input_tokens"] == 0
+    assert second.attributes["gen_ai.usage.output_tokens"] == 0
     assert meter.usage.calls == 1
     assert first.attributes["gen_ai.usage.input_tokens"] == meter.usage.prompt_tokens
 
@@ -181,7 +187,8 @@ def test_prompt_and_output_text_only_with_capture_text() -> None:
     assert "answer" in span.attributes["gen_ai.output.messages"]
 
 
-def test_json_lines_file_for_spans_from_other_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_json_lines_file_for_spans_from_other_processes(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DMIPRO_OTEL_EXPORT_FILE", str(tmp_path / "spans-{pid}.jsonl"))
     observability.setup_worker(OTEL)
     with tracing.span("dmipro.task.evaluate_chunk", job_id="job-1"), dspy.context(lm=sim_lm()):
