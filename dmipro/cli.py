@@ -276,8 +276,12 @@ def jobs(
         p = r.progress
         best = p.get("best_score")
         table.add_row(
-            r.id, r.state.value, r.phase or "", f"{p.get('trials_done', 0)}/{p.get('trials_total', '?')}",
-            "" if best is None else f"{best:.2f}", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
+            r.id,
+            r.state.value,
+            r.phase or "",
+            f"{p.get('trials_done', 0)}/{p.get('trials_total', '?')}",
+            "" if best is None else f"{best:.2f}",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
         )
     Console().print(table)
 

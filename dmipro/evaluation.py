@@ -115,7 +115,12 @@ def chunk_size_for(total: int, capacity: int, max_chunk: int) -> int:
 
 
 class Evaluator:
-    """Scores candidates of one job on one split through an executor."""
+    """Scores candidates of one job on one split through an executor.
+
+    Emits ``dspy.evaluation.start`` and ``dspy.evaluation.batch_complete`` once per
+    evaluated candidate; a request served entirely from the cache evaluates nothing and
+    emits nothing.
+    """
 
     def __init__(
         self,
@@ -173,6 +178,8 @@ class Evaluator:
                 if hit is not None:
                     scores[i] = ExampleScore(i, hit[0], hit[1])
             plans.append((req, ids, fp, scores, len(scores)))
+            if len(scores) == len(ids):
+                continue  # served from the cache: nothing is evaluated, so no event
             bus.emit(
                 "dspy.evaluation.start",
                 job_id=self.job_id,
@@ -228,6 +235,9 @@ class Evaluator:
             ordered = [scores[i] for i in ids]
             score = round(100.0 * sum(r.score for r in ordered) / len(ordered), 2) if ordered else 0.0
             res = EvaluationResult(score, ordered, usages[k], wall, cached)
+            out.append(res)
+            if cached == len(ids):
+                continue
             bus.emit(
                 "dspy.evaluation.batch_complete",
                 job_id=self.job_id,
@@ -236,5 +246,4 @@ class Evaluator:
                 candidate=fp,
                 **res.to_json(),
             )
-            out.append(res)
         return out

@@ -9,8 +9,9 @@ returns a :class:`concurrent.futures.Future` of its result.
 Contract for adapters:
 - ``_ship`` must not block on the task; the future completes with the result dict or
   fails with :class:`~dmipro.errors.TaskError`.
-- Adapters are used from one coordinating thread; ``_ship`` need not be re-entrant,
-  but futures may be completed from any thread.
+- Adapters are used from one coordinating thread and ``_ship`` need not be
+  re-entrant, unless the adapter sets ``concurrent_submit``: then several threads may
+  submit at once. Futures may be completed from any thread.
 - ``remote`` adapters run tasks in other processes, perhaps other machines: payloads
   must be self-contained and the job database must be reachable from there.
 """
@@ -41,6 +42,7 @@ class ExecutorAdapter:
 
     name: ClassVar[str] = "base"
     remote: ClassVar[bool] = False
+    concurrent_submit: ClassVar[bool] = False
 
     def __init__(self, concurrency: int = 1) -> None:
         if concurrency < 1:

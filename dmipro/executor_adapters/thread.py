@@ -14,6 +14,7 @@ class ThreadExecutor(ExecutorAdapter):
     """Runs tasks on ``concurrency`` threads; each task gets a fresh DSPy context."""
 
     name = "thread"
+    concurrent_submit = True
 
     def __init__(self, concurrency: int = 16) -> None:
         super().__init__(concurrency)

@@ -54,7 +54,11 @@ def _read_file(path: Path, field: str) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel CSVs) is not data
         if path.suffix.lower() == ".jsonl":
-            return [_json_line(line, n, path, field) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            return [
+                _json_line(line, n, path, field)
+                for n, line in enumerate(text.splitlines(), 1)
+                if line.strip()
+            ]
         if path.suffix.lower() == ".json":
             data = json.loads(text)
             if not isinstance(data, list):

@@ -194,7 +194,10 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
     def _trial(self, run: _Run, trial: int, data: dict[str, Any]) -> Any:
         obs = run.trials.get(trial)
         if obs is None:
-            self._open_phase(run, "search")
+            # The baseline's evaluation may start while bootstrap and proposal still run; it
+            # belongs to the search phase all the same (its id is known before it opens).
+            if run.phase not in ("bootstrap", "propose"):
+                self._open_phase(run, "search")
             obs = run.trials[trial] = self._start(
                 run.job_id, f"dmipro.trial {trial}", span_id=observation_id(run.job_id, "trial", trial),
                 parent_id=observation_id(run.job_id, "phase", "search"), as_type="span",

@@ -9,10 +9,13 @@ re-runs the trials that were in flight and carries on.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,15 +270,62 @@ class Coordinator:
         self.predictors = [name for name, _ in program.named_predictors()]
         self.plan = self._plan(program)
         self._progress("bootstrap", trials_done=0, trials_total=self.plan.num_trials)
-        demo_sets = self._phase("bootstrap", self._bootstrap)["demo_sets"]
-        proposals = self._phase("propose", lambda stats: self._propose(stats, demo_sets))
+        baseline = self._prefetch_baseline(program)
+        try:
+            demo_sets = self._phase("bootstrap", self._bootstrap)["demo_sets"]
+            proposals = self._phase("propose", lambda stats: self._propose(stats, demo_sets))
+        finally:
+            prefetched = baseline.result() if baseline is not None else None
         space = SearchSpace(
             predictors=tuple(self.predictors),
             instructions=proposals["instructions"],
             demo_sets=None if self.plan.zeroshot else demo_sets,
         )
         with span("dmipro.phase.search", job_id=self.job_id):
-            return self._search(space, start)
+            return self._search(space, start, prefetched)
+
+    def _evaluator(self) -> Evaluator:
+        return Evaluator(
+            self.job_id,
+            self.executor,
+            split="val",
+            size=len(self.runtime.split("val")),
+            chunk_size=self.runtime.spec.executor.chunk_size,
+            cache=StoreScoreCache(self.store, self.job_id, "val"),
+        )
+
+    def _prefetch_baseline(self, program: Any) -> Future[EvaluationResult] | None:
+        """Start the baseline's full evaluation now, alongside bootstrap and proposal.
+
+        It depends on nothing those phases produce (instruction 0 is the original, demo
+        set 0 is empty), and they leave most of the executor idle while their few calls
+        wait on the LM. The scores land in the evaluation cache, so the search's baseline
+        trial costs nothing; the decisions are the same as evaluating it in phase 3.
+        """
+        if not self.executor.concurrent_submit or self.executor.capacity < 2:
+            return None
+        if self.store.load_checkpoint(self.job_id, "search") is not None:
+            return None  # a resumed search: the baseline was evaluated (or is cached) already
+        candidate: Candidate = {
+            name: {
+                "instruction": pred.signature.instructions,
+                **({} if self.plan.zeroshot else {"demos": []}),
+            }
+            for name, pred in program.named_predictors()
+        }
+        evaluator = self._evaluator()
+        ids = list(self.plan.val_ids)
+        context = contextvars.copy_context()  # keep the run's trace and correlation ids
+        future: Future[EvaluationResult] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(context.run(evaluator, candidate, ids, trial=1))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="dmipro-baseline", daemon=True).start()
+        return future
 
     def _plan(self, program: Any) -> RunPlan:
         return plan_for(self.runtime)
@@ -481,7 +531,9 @@ class Coordinator:
         return out
 
     # -- phase 3 ---------------------------------------------------------------------
-    def _search(self, space: SearchSpace, start: float) -> OptimizationResult:
+    def _search(
+        self, space: SearchSpace, start: float, prefetched: EvaluationResult | None = None
+    ) -> OptimizationResult:
         saved = self.store.load_checkpoint(self.job_id, "search")
         stats = self.phases["search"] = (
             PhaseStats.from_json(saved["stats"], resumed=False) if saved else PhaseStats()
@@ -494,14 +546,9 @@ class Coordinator:
             seed=self.seed,
             space=space,
         )
-        evaluator = Evaluator(
-            self.job_id,
-            self.executor,
-            split="val",
-            size=len(self.runtime.split("val")),
-            chunk_size=self.runtime.spec.executor.chunk_size,
-            cache=StoreScoreCache(self.store, self.job_id, "val"),
-        )
+        evaluator = self._evaluator()
+        if prefetched is not None:
+            stats.task_lm.add(prefetched.usage)
         val_ids = list(plan.val_ids)
         stop_reason = "completed"
         eval_calls = eval_examples = 0
