@@ -40,14 +40,23 @@ def _setup() -> None:
 
 def _mount() -> None:
     from dmipro.registry.cli import export_command, import_command, registry_app
+    from dmipro.workers import cli as workers
 
     app.add_typer(registry_app, name="registry", help="Named, versioned programs: deploy and roll back.")
     app.command("export")(export_command)
     app.command("import")(import_command)
+    app.command("submit")(workers.submit_cmd)
+    app.command("status")(workers.status_cmd)
+    app.command("wait")(workers.wait_cmd)
+    app.command("cancel")(workers.cancel_cmd)
+    app.command("flower")(workers.flower_cmd)
+    worker_app = typer.Typer(help="Run a Celery or RQ worker for dmipro's queues.", no_args_is_help=True)
+    worker_app.command("celery")(workers.worker_celery)
+    worker_app.command("rq")(workers.worker_rq)
+    app.add_typer(worker_app, name="worker")
 
 
 console = Console(stderr=True)
-_mount()
 
 JobPath = Annotated[Path, typer.Argument(help="Job file (YAML).", show_default=False)]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
@@ -323,6 +332,9 @@ def sim_describe(
         emit_json(info)
     else:
         console.print_json(json.dumps(info, default=str))
+
+
+_mount()
 
 
 def main(argv: list[str] | None = None) -> None:
