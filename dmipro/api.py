@@ -11,7 +11,8 @@ from dmipro.errors import JobSpecError
 from dmipro.evaluation import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
 from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime
-from dmipro.teleprompt._coordinator import Coordinator, OptimizationResult, ProgressFn, plan_for
+from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
+from dmipro.teleprompt.result import OptimizationResult
 
 __all__ = ["JobSource", "check_plan", "evaluate", "optimize", "resolve_job"]
 

@@ -5,11 +5,19 @@ reads the result backend for every task in flight in one round trip (``MGET`` on
 from a background thread. Nothing ever calls ``AsyncResult.get()``, so a coordinator
 running as a Celery task (``dmipro.optimize``) never blocks a worker slot on a result.
 See :mod:`dmipro.workers.celery_app` for the delivery guarantees.
+
+One gap the broker leaves is closed here. kombu's Redis transport pops a message from
+the queue and only then records it as unacknowledged; a worker killed between the two
+takes the message with it. A task that has not started ``lost_after_s`` seconds after it
+was sent, and that is neither in its queue nor among the unacknowledged messages, is
+sent again under the same id (bodies are idempotent and each id is consumed once).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from dmipro.defaults import WORK_QUEUE
@@ -20,6 +28,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["CeleryExecutor"]
+
+log = logging.getLogger(__name__)
 
 _SUCCESS, _FAILURE, _REVOKED = "SUCCESS", "FAILURE", "REVOKED"
 
@@ -40,6 +50,12 @@ class CeleryExecutor(RemoteExecutor):
         super().__init__(concurrency, poll_interval=poll_interval)
         self.app = app or get_app()
         self.queue = queue
+        vt = float((self.app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+        self.lost_after_s = min(vt, 30.0)
+        """Seconds a sent task may go without starting before the executor looks for it."""
+        self._sent_at: dict[str, float] = {}
+        self._next_lost_check = 0.0
+        self._broker: Any = None
 
     def _send(self, shipments: list[Shipment]) -> None:
         from dmipro.workers.celery_app import TRACE_HEADER, task_name
@@ -50,6 +66,7 @@ class CeleryExecutor(RemoteExecutor):
                     task_name(s.task), args=[s.body], task_id=s.id, queue=self.queue, producer=producer,
                     headers={TRACE_HEADER: s.trace} if s.trace else None, argsrepr=_summary(s.body),
                 )
+                self._sent_at[s.id] = time.monotonic()
 
     def _fetch(self, ids: list[str]) -> dict[str, Outcome]:
         backend = self.app.backend
@@ -68,7 +85,46 @@ class CeleryExecutor(RemoteExecutor):
             outcome = _outcome(tasks.get(tid, "?"), meta)
             if outcome is not None:
                 out[tid] = outcome
+                self._sent_at.pop(tid, None)
+        self._resend_lost([tid for tid in ids if tid not in metas])
         return out
+
+    def _resend_lost(self, unstarted: list[str]) -> None:
+        """Send again the tasks that have not started and that the broker no longer holds."""
+        now = time.monotonic()
+        old = [tid for tid in unstarted if now - self._sent_at.get(tid, now) > self.lost_after_s]
+        if not old or now < self._next_lost_check:
+            return
+        self._next_lost_check = now + self.lost_after_s / 2
+        held = self._held_by_broker()
+        if held is None:
+            return
+        lost = [tid for tid in old if tid.encode() not in held]
+        with self._lock:
+            shipments = [self._pending[tid][0] for tid in lost if tid in self._pending]
+        if shipments:
+            log.warning("%d %s task(s) vanished from the broker before starting (a worker died while "
+                        "receiving them); sending them again", len(shipments), self.queue)
+            self._send(shipments)
+
+    def _held_by_broker(self) -> bytes | None:
+        """Every message in the queue or unacknowledged, as one blob to search; None if not Redis."""
+        if not str(self.app.conf.broker_url).startswith(("redis://", "rediss://", "unix://")):
+            return None
+        if self._broker is None:
+            self._broker = self.app.connection_for_read()
+        channel = self._broker.default_channel
+        client = channel.client
+        parts = list(client.hvals(channel.unacked_key))
+        for priority in channel.priority_steps:
+            parts += client.lrange(channel._q_for_pri(self.queue, priority), 0, -1)
+        return b"\0".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
+
+    def close(self) -> None:
+        super().close()
+        if self._broker is not None:
+            self._broker.release()
+            self._broker = None
 
     def _task_names(self, ids: list[str]) -> dict[str, str]:
         with self._lock:

@@ -12,8 +12,10 @@ from dmipro.propose.grounded import (
     render_examples,
     task_demos_for,
 )
+from dmipro.propose.proposer import GroundedProposer
 
 __all__ = [
+    "GroundedProposer",
     "MAX_DATA_BATCHES",
     "TIPS",
     "choose_tip",

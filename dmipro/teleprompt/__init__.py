@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dmipro.teleprompt._coordinator import Coordinator, OptimizationResult, PhaseStats, plan_for
+from dmipro.teleprompt._coordinator import Coordinator, plan_for
 from dmipro.teleprompt._plan import (
     AUTO_RUN_SETTINGS,
     DemoSetPlan,
@@ -12,6 +12,7 @@ from dmipro.teleprompt._plan import (
     plan_run,
 )
 from dmipro.teleprompt.mipro import MIPROv2, run_job
+from dmipro.teleprompt.result import OptimizationResult, PhaseStats
 from dmipro.teleprompt.search import SearchSpace, Study
 from dmipro.teleprompt.teleprompt import Teleprompter
 

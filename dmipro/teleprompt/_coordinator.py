@@ -16,11 +16,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmipro.errors import DmiproError, OptimizationError, TaskError
+from dmipro.errors import DmiproError, OptimizationError
 from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import bus, correlate
 from dmipro.executor_adapters.base import ExecutorAdapter
@@ -28,116 +27,19 @@ from dmipro.jobs.candidate import Candidate, apply_candidate
 from dmipro.jobs.runtime import JobRuntime
 from dmipro.jobs.store import JobState, JobStore
 from dmipro.lm.usage import Usage
-from dmipro.propose.grounded import (
-    choose_tip,
-    data_batches,
-    module_string,
-    program_code,
-    task_demos_for,
-)
+from dmipro.propose.proposer import GroundedProposer
 from dmipro.seeding import rng_for
 from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run
+from dmipro.teleprompt.result import OptimizationResult, PhaseStats
 from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind, trial_kind
 from dmipro.tracing import span
 
-__all__ = ["Coordinator", "OptimizationResult", "PhaseStats", "plan_for"]
+__all__ = ["Coordinator", "plan_for"]
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class PhaseStats:
-    """LM usage and wall time of one phase; ``resumed`` when it came from a checkpoint.
-
-    ``depth`` is the phase's critical path in LM calls: the calls that must happen one
-    after another whatever the concurrency (the longest bootstrap set, the proposer's
-    dependent waves, one program run per search round). Depth × latency bounds the
-    phase's wall time from below.
-    """
-
-    wall_s: float = 0.0
-    task_lm: Usage = field(default_factory=Usage)
-    prompt_lm: Usage = field(default_factory=Usage)
-    resumed: bool = False
-    depth: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "wall_s": round(self.wall_s, 3),
-            "task_lm": self.task_lm.summary(),
-            "prompt_lm": self.prompt_lm.summary(),
-            "resumed": self.resumed,
-            "depth": self.depth,
-            "usage": {"task_lm": self.task_lm.to_json(), "prompt_lm": self.prompt_lm.to_json()},
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], *, resumed: bool) -> PhaseStats:
-        return cls(
-            wall_s=float(data.get("wall_s", 0.0)),
-            task_lm=Usage.from_json(data.get("usage", {}).get("task_lm")),
-            prompt_lm=Usage.from_json(data.get("usage", {}).get("prompt_lm")),
-            resumed=resumed,
-            depth=int(data.get("depth", 0)),
-        )
-
-
-@dataclass
-class OptimizationResult:
-    """The outcome of one optimization job."""
-
-    job_id: str
-    program: Any
-    best_candidate: Candidate
-    baseline_score: float
-    best_score: float
-    trials: int
-    stop_reason: str
-    phases: dict[str, PhaseStats]
-    trial_logs: dict[int, dict[str, Any]]
-    candidate_programs: list[dict[str, Any]]
-    mb_candidate_programs: list[dict[str, Any]]
-    wall_s: float
-    program_path: str | None = None
-    registered: dict[str, Any] | None = None
-    val_ids: list[int] = field(default_factory=list)
-    """Indices of the validation examples the scores are computed on."""
-
-    @property
-    def usage(self) -> Usage:
-        total = Usage()
-        for phase in self.phases.values():
-            total.add(phase.task_lm).add(phase.prompt_lm)
-        return total
-
-    def summary(self) -> dict[str, Any]:
-        """The ``--json`` report."""
-        usage = self.usage
-        return {
-            "job_id": self.job_id,
-            "baseline_score": self.baseline_score,
-            "best_score": self.best_score,
-            "trials": self.trials,
-            "lm_calls": usage.calls,
-            "tokens": usage.tokens,
-            "cost_usd": usage.cost_usd,
-            "wall_s": round(self.wall_s, 3),
-            "stop_reason": self.stop_reason,
-            "program_path": self.program_path,
-            "registered": self.registered,
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        """What the job row keeps (no program objects)."""
-        return {
-            **self.summary(),
-            "val_ids": self.val_ids,
-            "best_candidate": self.best_candidate,
-            "phases": {k: v.to_json() for k, v in self.phases.items()},
-            "trial_logs": {str(k): v for k, v in self.trial_logs.items()},
-        }
+"""Receives progress dicts: phase, trials_done, trials_total, best_score, lm_calls, tokens."""
 
 
 def plan_for(runtime: JobRuntime) -> RunPlan:
@@ -273,7 +175,14 @@ class Coordinator:
         baseline = self._prefetch_baseline(program)
         try:
             demo_sets = self._phase("bootstrap", self._bootstrap)["demo_sets"]
-            proposals = self._phase("propose", lambda stats: self._propose(stats, demo_sets))
+            proposer = GroundedProposer(
+                self.job_id,
+                self.runtime,
+                self.executor,
+                predictors=self.predictors,
+                num_instructions=self.plan.num_instruct_candidates,
+            )
+            proposals = self._phase("propose", lambda stats: proposer.propose(stats, demo_sets))
         finally:
             prefetched = baseline.result() if baseline is not None else None
         space = SearchSpace(
@@ -383,152 +292,6 @@ class Coordinator:
         )
         self._progress("propose")
         return {"demo_sets": demo_sets}
-
-    # -- phase 2 ---------------------------------------------------------------------
-    def _propose(self, stats: PhaseStats, demo_sets: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
-        program = self.runtime.fresh_program()
-        preds = dict(program.named_predictors())
-        opt, job = self.opt, self.job_id
-        n_sets = len(demo_sets[self.predictors[0]])
-        per_predictor = min(self.plan.num_instruct_candidates, n_sets)
-        code = program_code(program) if opt.program_aware_proposer else None
-        first = preds[self.predictors[0]]
-        example = (
-            task_demos_for(first, demo_sets[self.predictors[0]], min(2, n_sets - 1))
-            if n_sets > 1
-            else "No task demos provided."
-        )
-
-        # Wave 1: observations on data batches, and the program description.
-        wave1: list[tuple[str, dict[str, Any]]] = []
-        if opt.data_aware_proposer:
-            for lo, hi in data_batches(len(self.runtime.split("train")), opt.view_data_batch_size):
-                wave1.append(("describe_data", {"job": job, "start": lo, "stop": hi}))
-        if code is not None:
-            wave1.append(
-                (
-                    "describe_program",
-                    {
-                        "job": job,
-                        "program_code": code,
-                        "program_example": example,
-                        "seed": rng_for(self.seed, "describe_program").randrange(10**9),
-                        "temperature": opt.init_temperature,
-                    },
-                )
-            )
-        out1 = self._run_mixed(wave1, stats)
-        observations = "".join(
-            r["observations"]
-            for (t, _), r in zip(wave1, out1, strict=True)
-            if t == "describe_data" and r and not r["observations"][:8].upper() == "COMPLETE"
-        )
-        program_description = next(
-            (
-                r["program_description"]
-                for (t, _), r in zip(wave1, out1, strict=True)
-                if t == "describe_program" and r
-            ),
-            None,
-        )
-
-        # Wave 2: the dataset summary, and each module's description.
-        wave2: list[tuple[str, dict[str, Any]]] = []
-        if opt.data_aware_proposer and observations:
-            wave2.append(("summarize_data", {"job": job, "observations": observations}))
-        if code is not None and program_description is not None:
-            for i, name in enumerate(self.predictors):
-                wave2.append(
-                    (
-                        "describe_module",
-                        {
-                            "job": job,
-                            "program_code": code,
-                            "program_example": example,
-                            "program_description": program_description,
-                            "module": module_string(preds[name]),
-                            "seed": rng_for(self.seed, "describe_module", i).randrange(10**9),
-                            "temperature": opt.init_temperature,
-                            "name": name,
-                        },
-                    )
-                )
-        out2 = self._run_mixed(wave2, stats)
-        summary = next(
-            (r["summary"] for (t, _), r in zip(wave2, out2, strict=True) if t == "summarize_data" and r), None
-        )
-        module_desc = {
-            p["name"]: r["module_description"]
-            for (t, p), r in zip(wave2, out2, strict=True)
-            if t == "describe_module" and r
-        }
-        program_aware = (
-            code is not None and program_description is not None and len(module_desc) == len(preds)
-        )
-
-        # Wave 3: every instruction proposal at once; candidate 0 is the original instruction.
-        instructions = {name: [preds[name].signature.instructions] for name in self.predictors}
-        payloads = []
-        for i, name in enumerate(self.predictors):
-            for set_i in range(1, per_predictor):
-                ctx: dict[str, Any] = {
-                    "task_demos": task_demos_for(preds[name], demo_sets[name], set_i)
-                    if opt.fewshot_aware_proposer
-                    else "No task demos provided.",
-                    "basic_instruction": preds[name].signature.instructions,
-                }
-                if summary is not None:
-                    ctx["dataset_description"] = summary
-                if program_aware:
-                    ctx.update(
-                        program_code=code,
-                        program_description=program_description,
-                        module=module_string(preds[name]),
-                        module_description=module_desc[name],
-                    )
-                tip = choose_tip(self.seed, i, set_i) if opt.tip_aware_proposer else ""
-                if tip:
-                    ctx["tip"] = tip
-                payloads.append(
-                    {
-                        "job": job,
-                        "predictor": name,
-                        "index": set_i,
-                        "context": ctx,
-                        "seed": rng_for(self.seed, "proposal", i, set_i).randrange(10**9),
-                        "temperature": opt.init_temperature,
-                    }
-                )
-        results = self._map("propose_instruction", payloads, stats.prompt_lm)
-        stats.depth = sum(1 for wave in (wave1, wave2, payloads) if wave)
-        for res in sorted(results, key=lambda r: (self.predictors.index(r["predictor"]), r["index"])):
-            instructions[res["predictor"]].append(res["instruction"])
-        bus.emit(
-            "dspy.optimization.instruction_proposal_complete",
-            num_instructions={k: len(v) for k, v in instructions.items()},
-            dataset_summary=summary is not None,
-            program_aware=program_aware,
-        )
-        return {
-            "instructions": instructions,
-            "dataset_summary": summary,
-            "program_description": program_description,
-        }
-
-    def _run_mixed(self, work: list[tuple[str, dict[str, Any]]], stats: PhaseStats) -> list[dict[str, Any]]:
-        """Run a wave of different proposer tasks at once; a failed one gives ``{}`` (DSPy degrades too)."""
-        futures = [self.executor.submit(task, payload) for task, payload in work]
-        out: list[dict[str, Any]] = []
-        for (task, _), fut in zip(work, futures, strict=True):
-            try:
-                res = fut.result()
-            except TaskError as exc:
-                log.warning("%s failed, proposing without it: %s", task, exc)
-                out.append({})
-                continue
-            stats.prompt_lm.add(Usage.from_json(res.get("usage")))
-            out.append(res)
-        return out
 
     # -- phase 3 ---------------------------------------------------------------------
     def _search(

@@ -22,7 +22,8 @@ from dmipro.jobs.runtime import forget_runtime, get_runtime, register_runtime
 from dmipro.jobs.spec import ExecutorConfig, JobSpec, LMConfig, OptimizerConfig
 from dmipro.jobs.store import JobStore
 from dmipro.refs import ref_of
-from dmipro.teleprompt._coordinator import Coordinator, OptimizationResult, ProgressFn
+from dmipro.teleprompt._coordinator import Coordinator, ProgressFn
+from dmipro.teleprompt.result import OptimizationResult
 from dmipro.teleprompt.teleprompt import Teleprompter
 
 __all__ = ["MIPROv2", "run_job"]

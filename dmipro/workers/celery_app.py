@@ -13,8 +13,11 @@ Configuration comes from dmipro's settings: ``DMIPRO_BROKER_URL`` and
   Redis broker after ``DMIPRO_VISIBILITY_TIMEOUT`` seconds (default 3600, in broker and
   result-backend transport options). While a worker lives it keeps extending that
   timeout for every message it holds, so an LM task or a coordinator that runs for
-  hours is never redelivered behind its back. Task bodies are idempotent, so a second
-  run is harmless, and the coordinator consumes each task id once.
+  hours is never redelivered behind its back; each worker also sweeps for expired
+  messages itself, so a dead worker's tasks come back even while every live worker is
+  busy. Task bodies are idempotent, so a second run is harmless, and the coordinator
+  consumes each task id once (a coordinator delivered twice waits on the job's lease,
+  see :mod:`dmipro.workers._coordinate`).
 - **Two queues** (``dmipro.coordinator`` for ``dmipro.optimize``, ``dmipro.work`` for
   everything else), so coordinators never starve the work slots.
 - **Visible in Flower**: task events on (``worker_send_task_events``,
@@ -166,9 +169,12 @@ def get_app() -> Celery:
 
 def __getattr__(name: str) -> Any:
     # ``celery -A dmipro.workers.celery_app`` looks for ``app``; build it on first use so that
-    # importing this module reads no settings.
+    # importing this module reads no settings. In those processes (worker, flower) it is the
+    # current app, so code that uses Celery's default app (Flower's result API) finds its backend.
     if name in ("app", "celery"):
-        return get_app()
+        app = get_app()
+        app.set_current()
+        return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

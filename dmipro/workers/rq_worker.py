@@ -180,11 +180,19 @@ def run_worker(queues: Sequence[str], *, burst: bool = False, workers: int = 1, 
         raise ConfigError("give at least one queue to listen on (dmipro.work, dmipro.coordinator)")
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    setup_worker_process(loglevel=loglevel)
     if workers == 1:
+        setup_worker_process(loglevel=loglevel)
         make_worker(queues, name=name).work(burst=burst, logging_level=loglevel.upper())
         return
+    from pathlib import Path
+
     from rq.worker_pool import WorkerPool
+
+    from dmipro.refs import ensure_importable
+
+    # Each pool process sets itself up when it runs its first task (after the fork, so that
+    # telemetry threads start in the process that uses them).
+    ensure_importable([Path.cwd()])
 
     pool = WorkerPool(queues, connection=redis_connection(), num_workers=workers, worker_class=SimpleWorker,
                       serializer=JSONSerializer)

@@ -1,0 +1,104 @@
+"""What an optimization produces: the best program, scores, per-phase statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmipro.jobs.candidate import Candidate
+from dmipro.lm.usage import Usage
+
+__all__ = ["OptimizationResult", "PhaseStats"]
+
+
+@dataclass
+class PhaseStats:
+    """LM usage and wall time of one phase; ``resumed`` when it came from a checkpoint.
+
+    ``depth`` is the phase's critical path in LM calls: the calls that must happen one
+    after another whatever the concurrency (the longest bootstrap set, the proposer's
+    dependent waves, one program run per search round). Depth × latency bounds the
+    phase's wall time from below.
+    """
+
+    wall_s: float = 0.0
+    task_lm: Usage = field(default_factory=Usage)
+    prompt_lm: Usage = field(default_factory=Usage)
+    resumed: bool = False
+    depth: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "task_lm": self.task_lm.summary(),
+            "prompt_lm": self.prompt_lm.summary(),
+            "resumed": self.resumed,
+            "depth": self.depth,
+            "usage": {"task_lm": self.task_lm.to_json(), "prompt_lm": self.prompt_lm.to_json()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, resumed: bool) -> PhaseStats:
+        return cls(
+            wall_s=float(data.get("wall_s", 0.0)),
+            task_lm=Usage.from_json(data.get("usage", {}).get("task_lm")),
+            prompt_lm=Usage.from_json(data.get("usage", {}).get("prompt_lm")),
+            resumed=resumed,
+            depth=int(data.get("depth", 0)),
+        )
+
+
+@dataclass
+class OptimizationResult:
+    """The outcome of one optimization job."""
+
+    job_id: str
+    program: Any
+    best_candidate: Candidate
+    baseline_score: float
+    best_score: float
+    trials: int
+    stop_reason: str
+    phases: dict[str, PhaseStats]
+    trial_logs: dict[int, dict[str, Any]]
+    candidate_programs: list[dict[str, Any]]
+    mb_candidate_programs: list[dict[str, Any]]
+    wall_s: float
+    program_path: str | None = None
+    registered: dict[str, Any] | None = None
+    val_ids: list[int] = field(default_factory=list)
+    """Indices of the validation examples the scores are computed on."""
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for phase in self.phases.values():
+            total.add(phase.task_lm).add(phase.prompt_lm)
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` report."""
+        usage = self.usage
+        return {
+            "job_id": self.job_id,
+            "baseline_score": self.baseline_score,
+            "best_score": self.best_score,
+            "trials": self.trials,
+            "lm_calls": usage.calls,
+            "tokens": usage.tokens,
+            "cost_usd": usage.cost_usd,
+            "wall_s": round(self.wall_s, 3),
+            "stop_reason": self.stop_reason,
+            "program_path": self.program_path,
+            "registered": self.registered,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """What the job row keeps (no program objects)."""
+        return {
+            **self.summary(),
+            "val_ids": self.val_ids,
+            "best_candidate": self.best_candidate,
+            "phases": {k: v.to_json() for k, v in self.phases.items()},
+            "trial_logs": {str(k): v for k, v in self.trial_logs.items()},
+        }
