@@ -35,6 +35,8 @@ services:
 
 bench: install
 	$(PY) bench/evaluate_throughput.py
+	$(PY) bench/compare_dspy.py
+	$(PY) bench/scaling.py
 
 clean:
 	rm -rf .dmipro .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,7 @@ from dmipro.errors import (
     ExecutorError,
     JobNotFoundError,
     JobSpecError,
+    JobTimeoutError,
     LMError,
     NotFoundError,
     OptimizationError,
@@ -38,6 +39,7 @@ if typing.TYPE_CHECKING:
     from dmipro.events import Event, Subscriber, bus
     from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, ThreadExecutor, make_executor
     from dmipro.jobs import Job, JobSpec, JobState, JobStore, load_job
+    from dmipro.jobs.submit import JobHandle, cancel, status, submit, wait
     from dmipro.lm import Usage, build_lm
     from dmipro.teleprompt import MIPROv2, OptimizationResult
 
@@ -61,6 +63,11 @@ _LAZY = {
     "load_job": "dmipro.jobs",
     "Usage": "dmipro.lm",
     "build_lm": "dmipro.lm",
+    "JobHandle": "dmipro.jobs.submit",
+    "cancel": "dmipro.jobs.submit",
+    "status": "dmipro.jobs.submit",
+    "submit": "dmipro.jobs.submit",
+    "wait": "dmipro.jobs.submit",
     "MIPROv2": "dmipro.teleprompt",
     "OptimizationResult": "dmipro.teleprompt",
 }
@@ -90,7 +97,9 @@ __all__ = [
     "ExecutorError",
     "InlineExecutor",
     "Job",
+    "JobHandle",
     "JobNotFoundError",
+    "JobTimeoutError",
     "JobSpec",
     "JobSpecError",
     "JobState",
@@ -111,12 +120,15 @@ __all__ = [
     "__version__",
     "build_lm",
     "bus",
+    "cancel",
     "evaluate",
     "load",
     "load_job",
     "make_executor",
     "optimize",
+    "status",
     "submit",
+    "wait",
 ]
 
 
@@ -125,13 +137,3 @@ def load(spec: str) -> Any:
     from dmipro.registry import load as registry_load
 
     return registry_load(spec)
-
-
-def submit(spec: Any, *, executor: str = "celery", job_id: str | None = None) -> Any:
-    """Validate a job and enqueue it on Celery or RQ workers.
-
-    Returns a handle with ``status()``, ``wait()``, ``result()`` and ``cancel()``.
-    """
-    from dmipro.jobs.submit import submit as submit_job
-
-    return submit_job(spec, executor=executor, job_id=job_id)

@@ -11,7 +11,8 @@ into a one-line message on stderr and exit status 2.
     ├── LMError                an LM call that failed (carries ``retry_after``)
     │   └── RateLimitError
     ├── ExecutorError          a task could not be shipped or its result collected
-    │   └── TaskError          a task body raised (carries the remote error type)
+    │   ├── TaskError          a task body raised (carries the remote error type)
+    │   └── JobTimeoutError    waiting for a submitted job gave up
     ├── DecodeError            a payload or stored record that is not what it claims to be
     ├── EvaluationError        an evaluation that reached ``max_errors``
     ├── OptimizationError      an optimization that cannot go on
@@ -31,6 +32,7 @@ __all__ = [
     "EvaluationError",
     "ExecutorError",
     "JobNotFoundError",
+    "JobTimeoutError",
     "JobSpecError",
     "LMError",
     "NotFoundError",
@@ -90,6 +92,10 @@ class TaskError(ExecutorError):
         self.task = task
         self.error_type = error_type
         super().__init__(message)
+
+
+class JobTimeoutError(ExecutorError):
+    """``wait`` gave up: the job was still queued or running when the timeout passed."""
 
 
 class DecodeError(DmiproError):

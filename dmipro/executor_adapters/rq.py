@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dmipro.defaults import WORK_QUEUE
-from dmipro.errors import DecodeError, TaskError
+from dmipro.errors import DecodeError, DmiproError, TaskError
 from dmipro.executor_adapters._remote import Outcome, RemoteExecutor, Shipment, remote_error
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class RQExecutor(RemoteExecutor):
                     pass
 
 
-def _failure(task: str, job: Any) -> Any:
+def _failure(task: str, job: Any) -> DmiproError:
     error = (job.meta or {}).get("error")
     if isinstance(error, dict) and "type" in error:
         return remote_error(task, str(error["type"]), str(error.get("message", "")))

@@ -22,6 +22,7 @@ from dmipro.errors import (
     DmiproError,
     ExecutorError,
     JobSpecError,
+    JobTimeoutError,
     OptimizationError,
     StorageError,
 )
@@ -44,10 +45,6 @@ REMOTE_EXECUTORS = ("celery", "rq")
 """Executors whose workers pick up submitted jobs."""
 
 JobSource = str | Path | dict[str, Any] | Job
-
-
-class JobTimeoutError(ExecutorError):
-    """``wait`` gave up: the job was still queued or running when the timeout passed."""
 
 
 def check_database_for(job: Job, executor: str, *, url: str | None = None) -> None:

@@ -475,7 +475,7 @@ class Coordinator:
         """Write the best program as DSPy's own ``program.save()`` JSON."""
         from dmipro.config import get_settings
 
-        path = self.program_path or get_settings().home / "programs" / f"{self.job_id}.json"
+        path = (self.program_path or get_settings().home / "programs" / f"{self.job_id}.json").resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         result.program.save(str(path))
         result.program_path = str(path)

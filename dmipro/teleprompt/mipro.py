@@ -20,7 +20,7 @@ from dmipro.errors import OptimizationError
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
 from dmipro.jobs.runtime import forget_runtime, get_runtime, register_runtime
 from dmipro.jobs.spec import ExecutorConfig, JobSpec, LMConfig, OptimizerConfig
-from dmipro.jobs.store import JobStore
+from dmipro.jobs.store import JobState, JobStore
 from dmipro.refs import ref_of
 from dmipro.teleprompt._coordinator import Coordinator, ProgressFn
 from dmipro.teleprompt.result import OptimizationResult
@@ -256,6 +256,8 @@ def run_job(
     record = store.get(job_id)
     if record.state.finished and record.result is not None:
         return dict(record.result)
+    if record.state is JobState.CANCELLED:
+        raise OptimizationError(f"job {job_id} was cancelled before it ran")
     runtime = get_runtime(job_id)
     owned = not isinstance(executor, ExecutorAdapter)
     ex = (

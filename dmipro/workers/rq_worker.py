@@ -47,6 +47,7 @@ __all__ = [
     "redis_connection",
     "run_optimize",
     "run_task",
+    "run_worker",
 ]
 
 log = logging.getLogger(__name__)

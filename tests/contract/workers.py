@@ -97,7 +97,8 @@ class WorkerProcess:
             self.kill()
 
 
-def celery_worker(env: dict[str, str], log_dir: Path, *, queues: str, concurrency: int, tag: str) -> WorkerProcess:
+def celery_worker(env: dict[str, str], log_dir: Path, *, queues: str, concurrency: int,
+                  tag: str) -> WorkerProcess:
     """A Celery worker process (thread pool, task events on)."""
     name = f"{tag}-{uuid.uuid4().hex[:6]}@%h"
     argv = [sys.executable, "-m", "celery", "-A", "dmipro.workers.celery_app", "worker", "-P", "threads",
@@ -272,7 +273,8 @@ def drop_database(server_url: str, name: str) -> None:
     admin.dispose()
 
 
-def shared_stack_fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def shared_stack_fixture(request: pytest.FixtureRequest,
+                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Body of the session fixture ``remote_stack`` (defined in each suite's conftest)."""
     redis_base = request.getfixturevalue("redis_server")
     postgres_server_url = request.getfixturevalue("postgres_server_url")

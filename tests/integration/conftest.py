@@ -90,8 +90,8 @@ class CrashStack:
         """Start a fresh worker for each role (they start in parallel)."""
         started = []
         for role in roles:
-            worker = celery_worker(self.env, self.logs, queues=self.QUEUES[role], concurrency=self.SLOTS[role],
-                                   tag=f"crash-{role}")
+            worker = celery_worker(self.env, self.logs, queues=self.QUEUES[role],
+                                   concurrency=self.SLOTS[role], tag=f"crash-{role}")
             self.roles[role] = worker.start()
             started.append(worker)
         for worker in started:
@@ -115,7 +115,8 @@ class CrashStack:
 
 
 @pytest.fixture(scope="module")
-def crash_workers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashStack]:
+def crash_workers(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashStack]:
     """A coordinator worker and a work worker on their own Redis databases, visibility timeout 5 s."""
     from tests.contract.workers import create_database, drop_database
 
@@ -139,7 +140,8 @@ def crash_workers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 @pytest.fixture
 def crash_stack(crash_workers: CrashStack, monkeypatch: pytest.MonkeyPatch) -> CrashStack:
     """The crash workers, all roles alive, with this process pointed at them."""
-    for key in ("DMIPRO_DATABASE_URL", "DMIPRO_BROKER_URL", "DMIPRO_RESULT_BACKEND", "DMIPRO_VISIBILITY_TIMEOUT"):
+    keys = ("DMIPRO_DATABASE_URL", "DMIPRO_BROKER_URL", "DMIPRO_RESULT_BACKEND", "DMIPRO_VISIBILITY_TIMEOUT")
+    for key in keys:
         monkeypatch.setenv(key, crash_workers.env[key])
     reload_settings()
     crash_workers.ensure()

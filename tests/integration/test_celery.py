@@ -249,3 +249,22 @@ def test_wait_times_out_with_a_clear_error(celery_stack: Stack, monkeypatch: pyt
         handle.wait(timeout=0.3)
     assert time.monotonic() - start < 5
     handle.cancel()
+
+
+@pytest.mark.integration
+def test_a_task_the_broker_lost_is_sent_again(celery_stack: Stack) -> None:
+    import redis
+
+    from dmipro.executor_adapters.celery import CeleryExecutor
+
+    queue = f"dmipro.test-{uuid.uuid4().hex[:6]}"  # no worker consumes it
+    client = redis.Redis.from_url(celery_stack.envs["celery"]["DMIPRO_BROKER_URL"])
+    with CeleryExecutor(2, queue=queue) as ex:
+        ex.lost_after_s = 0.5
+        fut = ex.submit("tests.echo", {"n": 5})
+        wait_for(lambda: client.llen(queue) == 1, 10, "the task to be queued")
+        client.delete(queue)  # what a worker killed between BRPOP and its bookkeeping leaves behind
+        wait_for(lambda: client.llen(queue) == 1, 10, "the lost task to be sent again")
+        client.rpoplpush(queue, "dmipro.work")  # hand it to the shared worker
+        assert fut.result(timeout=30) == {"echo": {"n": 5}}
+    client.close()

@@ -17,7 +17,7 @@ import pytest
 
 from dmipro.executor_adapters import ThreadExecutor
 from dmipro.jobs import JobStore, load_job
-from dmipro.jobs.submit import submit
+from dmipro.jobs.submit import JobHandle, JobTimeoutError, submit
 from dmipro.teleprompt.mipro import run_job
 from tests.contract.workers import wait_for
 from tests.integration.conftest import CrashStack, small_job
@@ -40,20 +40,36 @@ def reference() -> dict[str, Any]:
     return dict(JobStore().get(record.id).result or {})
 
 
-def in_search(job_id: str, trials_done: int) -> bool:
-    record = JobStore().get(job_id)
+def scored(job_id: str, at_least: int) -> bool:
+    """True once the search has cached ``at_least`` example scores (more evaluations are in flight)."""
+    import sqlalchemy as sa
+
+    from dmipro.jobs.store import eval_cache_table as t
+
+    store = JobStore()
+    record = store.get(job_id)
     if record.state.finished:
-        pytest.fail(f"job finished before the crash: {record.state.value} {record.error}")
-    return record.phase == "search" and (record.progress.get("trials_done") or 0) >= trials_done
+        pytest.fail(f"the job finished before the crash: {record.state.value} {record.error}")
+    with store.engine.connect() as conn:
+        n = conn.execute(sa.select(sa.func.count()).where(t.c.job_id == job_id)).scalar_one()
+    return record.phase == "search" and n >= at_least
+
+
+def finish(handle: JobHandle, stack: CrashStack) -> dict[str, Any]:
+    try:
+        report = handle.wait(timeout=120)
+    except JobTimeoutError as exc:
+        pytest.fail(f"{exc}\n{stack.logs_text()}")
+    assert report["state"] == "succeeded", (report, stack.logs_text())
+    return report
 
 
 def test_a_killed_work_worker_loses_no_trial(crash_stack: CrashStack) -> None:
     handle = submit(crash_job(100.0), executor="celery")
-    wait_for(lambda: in_search(handle.job_id, 2), 120, "trials to be running")
+    wait_for(lambda: scored(handle.job_id, 10), 120, "trials to be running", interval=0.02)
     crash_stack.kill("work")  # its running and reserved tasks die unacknowledged
     crash_stack.start("work")
-    report = handle.wait(timeout=120)
-    assert report["state"] == "succeeded", (report, crash_stack.logs_text())
+    report = finish(handle, crash_stack)
     assert report["attempts"] == 1  # the coordinator itself never stopped
 
     result = JobStore().get(handle.job_id).result or {}
@@ -72,11 +88,10 @@ def test_a_killed_coordinator_resumes_and_finishes_once(crash_stack: CrashStack)
     from dmipro.workers.celery_app import coordinator_task_id, get_app
 
     handle = submit(crash_job(100.0), executor="celery")
-    wait_for(lambda: in_search(handle.job_id, 2), 120, "trials to be running")
+    wait_for(lambda: scored(handle.job_id, 10), 120, "trials to be running", interval=0.02)
     crash_stack.kill("coordinator")
     crash_stack.start("coordinator")
-    report = handle.wait(timeout=120)
-    assert report["state"] == "succeeded", (report, crash_stack.logs_text())
+    report = finish(handle, crash_stack)
     assert report["attempts"] == 2  # redelivered once, resumed once
 
     record = JobStore().get(handle.job_id)

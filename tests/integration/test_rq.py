@@ -77,7 +77,8 @@ def test_submit_runs_the_coordinator_on_an_rq_worker(rq_stack: Stack) -> None:
     assert report["executor"] == "rq" and report["trials_done"] == 4
     program = handle.result()
     assert isinstance(program, dspy.Module)
-    rq_job = Job.fetch(coordinator_job_id(handle.job_id), connection=redis_connection(), serializer=JSONSerializer)
+    rq_job = Job.fetch(coordinator_job_id(handle.job_id), connection=redis_connection(),
+                       serializer=JSONSerializer)
     assert rq_job.origin == "dmipro.coordinator" and rq_job.timeout == COORDINATOR_TIMEOUT_S
     assert rq_job.meta["progress"]["phase"] == "search"
     assert rq_job.meta["progress"]["trials_done"] == 4
