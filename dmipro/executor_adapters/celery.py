@@ -58,14 +58,17 @@ class CeleryExecutor(RemoteExecutor):
         self._broker: Any = None
 
     def _send(self, shipments: list[Shipment]) -> None:
+        from dmipro import tracing
         from dmipro.workers.celery_app import TRACE_HEADER, task_name
 
         with self.app.producer_or_acquire() as producer:
             for s in shipments:
-                self.app.send_task(
-                    task_name(s.task), args=[s.body], task_id=s.id, queue=self.queue, producer=producer,
-                    headers={TRACE_HEADER: s.trace} if s.trace else None, argsrepr=_summary(s.body),
-                )
+                # Publish in the submitter's trace, so Celery's own spans join the run's trace.
+                with tracing.attach(s.trace):
+                    self.app.send_task(
+                        task_name(s.task), args=[s.body], task_id=s.id, queue=self.queue, producer=producer,
+                        headers={TRACE_HEADER: s.trace} if s.trace else None, argsrepr=_summary(s.body),
+                    )
                 self._sent_at[s.id] = time.monotonic()
 
     def _fetch(self, ids: list[str]) -> dict[str, Outcome]:
