@@ -31,7 +31,7 @@ from dmipro.propose.proposer import GroundedProposer
 from dmipro.seeding import rng_for
 from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run
 from dmipro.teleprompt.result import OptimizationResult, PhaseStats
-from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind, trial_kind
+from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind, trial_batch, trial_kind
 from dmipro.tracing import span
 
 __all__ = ["Coordinator", "plan_for"]
@@ -172,6 +172,8 @@ class Coordinator:
         self.predictors = [name for name, _ in program.named_predictors()]
         self.plan = self._plan(program)
         self._progress("bootstrap", trials_done=0, trials_total=self.plan.num_trials)
+        study = self._study()
+        first_batch = self._ask_first_batch(study)
         baseline = self._prefetch_baseline(program)
         try:
             demo_sets = self._phase("bootstrap", self._bootstrap)["demo_sets"]
@@ -185,13 +187,51 @@ class Coordinator:
             proposals = self._phase("propose", lambda stats: proposer.propose(stats, demo_sets))
         finally:
             prefetched = baseline.result() if baseline is not None else None
+            if first_batch is not None:
+                first_batch.join()
         space = SearchSpace(
             predictors=tuple(self.predictors),
             instructions=proposals["instructions"],
             demo_sets=None if self.plan.zeroshot else demo_sets,
         )
+        study.use(space)
         with span("dmipro.phase.search", job_id=self.job_id):
-            return self._search(space, start, prefetched)
+            return self._search(study, start, prefetched)
+
+    def _study(self) -> Study:
+        """The job's study, shaped by the plan (its contents arrive after phase 2)."""
+        n_sets = self.plan.num_fewshot_candidates
+        shape = SearchSpace.shaped(
+            tuple(self.predictors),
+            instructions=min(self.plan.num_instruct_candidates, n_sets),
+            demo_sets=None if self.plan.zeroshot else n_sets,
+        )
+        url = self.store.engine.url.render_as_string(hide_password=False)
+        return Study(f"dmipro:{self.job_id}", url, seed=self.seed, space=shape)
+
+    def _ask_first_batch(self, study: Study) -> threading.Thread | None:
+        """Ask the baseline and the first batch of trials now, while phases 1 and 2 run.
+
+        Asking only needs the shape of the search space, which the plan fixes; each ask
+        is a few storage writes, so doing them here takes them off the search's critical
+        path. The search then evaluates them as trials in flight. Skipped on a resumed
+        search and under a budget (whose batch size depends on what phases 1-2 cost).
+        """
+        if self.opt.max_lm_calls is not None or self.opt.max_cost_usd is not None or study.trials():
+            return None
+        k = self._batch_size(SearchState(), self.plan, 0, study.n_startup_trials)
+        kind = TrialKind.MINIBATCH if self.plan.minibatch else TrialKind.FULL
+
+        def ask() -> None:
+            study.ask(TrialKind.BASELINE, 0, study.space.baseline_params())
+            for _ in range(k):
+                study.ask(kind, 0)
+
+        thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(ask,), name="dmipro-ask", daemon=True
+        )
+        thread.start()
+        return thread
 
     def _evaluator(self) -> Evaluator:
         return Evaluator(
@@ -295,7 +335,7 @@ class Coordinator:
 
     # -- phase 3 ---------------------------------------------------------------------
     def _search(
-        self, space: SearchSpace, start: float, prefetched: EvaluationResult | None = None
+        self, study: Study, start: float, prefetched: EvaluationResult | None = None
     ) -> OptimizationResult:
         saved = self.store.load_checkpoint(self.job_id, "search")
         stats = self.phases["search"] = (
@@ -303,12 +343,7 @@ class Coordinator:
         )
         t0 = time.perf_counter() - stats.wall_s
         plan = self.plan
-        study = Study(
-            f"dmipro:{self.job_id}",
-            str(self.store.engine.url.render_as_string(hide_password=False)),
-            seed=self.seed,
-            space=space,
-        )
+        space = study.space
         evaluator = self._evaluator()
         if prefetched is not None:
             stats.task_lm.add(prefetched.usage)
@@ -346,7 +381,8 @@ class Coordinator:
             if plan.minibatch and not rerun:
                 target = plan.expected_full_evals if done >= plan.num_trials else done // plan.full_eval_steps
                 picks = st.next_full_evals(max(0, target - st.full_done))
-            batch = st.batches
+            # Trials in flight keep their batch, and so their shared minibatch.
+            batch = max(trial_batch(t) for t in rerun) if rerun else st.batches
             trials = rerun
             if not rerun and (not picks or self.opt.parallel_trials != 1):
                 trials = []

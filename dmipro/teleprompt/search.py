@@ -15,10 +15,15 @@ from typing import Any
 
 from dmipro.jobs.candidate import Candidate
 
-__all__ = ["SearchSpace", "SearchState", "Study", "TrialKind", "trial_kind"]
+__all__ = ["SearchSpace", "SearchState", "Study", "TrialKind", "trial_batch", "trial_kind"]
 
 
 _ATTR = "dmipro"
+
+
+def trial_batch(trial: Any) -> int:
+    """The batch (round of asks) a trial belongs to; its minibatch is drawn from it."""
+    return int(trial.user_attrs.get(_ATTR, {}).get("batch", 0))
 
 
 def trial_kind(trial: Any) -> str | None:
@@ -50,6 +55,17 @@ class SearchSpace:
     predictors: tuple[str, ...]
     instructions: dict[str, list[str]]
     demo_sets: dict[str, list[list[dict[str, Any]]]] | None
+
+    @classmethod
+    def shaped(cls, predictors: tuple[str, ...], *, instructions: int, demo_sets: int | None) -> SearchSpace:
+        """A space with the right dimensions and placeholder contents (enough to ask trials)."""
+        return cls(
+            predictors=predictors,
+            instructions={name: [""] * instructions for name in predictors},
+            demo_sets=None
+            if demo_sets is None
+            else {name: [[] for _ in range(demo_sets)] for name in predictors},
+        )
 
     def distributions(self) -> dict[str, Any]:
         dist = _optuna().distributions.CategoricalDistribution
@@ -126,6 +142,12 @@ class Study:
         )
         self.n_startup_trials = 10
 
+    def use(self, space: SearchSpace) -> None:
+        """Put the real candidates in place of a shaped space; the dimensions must not change."""
+        if space.distributions() != self.space.distributions():
+            raise ValueError("the search space changed shape after trials were asked")
+        self.space = space
+
     def ask(self, kind: str, batch: int, params: dict[str, Any] | None = None) -> Any:
         """A new trial (its params fixed when given), tagged with its kind and batch."""
         if params is not None:
@@ -157,7 +179,7 @@ class Study:
         st = SearchState()
         for t in self.study.get_trials(deepcopy=False):
             kind = trial_kind(t)
-            st.batches = max(st.batches, int(t.user_attrs.get(_ATTR, {}).get("batch", -1)) + 1)
+            st.batches = max(st.batches, trial_batch(t) + 1)
             if t.state == running:
                 st.running.append(t)
                 continue
