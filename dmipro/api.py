@@ -11,6 +11,7 @@ from dmipro.errors import JobSpecError
 from dmipro.evaluation import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
 from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime
+from dmipro.jobs.candidate import Candidate
 from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
 from dmipro.teleprompt.result import OptimizationResult
 
@@ -30,8 +31,12 @@ def evaluate(
     executor: str | ExecutorAdapter | None = None,
     split: str = "val",
     concurrency: int | None = None,
+    candidate: Candidate | None = None,
 ) -> EvaluationResult:
-    """Evaluate the job's unoptimized program on its valset (or another split).
+    """Evaluate the job's program on its valset (or another split).
+
+    ``candidate`` (instructions and demos per predictor, e.g. an optimization's
+    ``best_candidate``) is applied first; without it the program is scored as written.
 
     Without a valset, the last 80% of the trainset is the valset (DSPy's rule).
     Remote executors get a job row so their workers can load the job; in-process
@@ -54,7 +59,7 @@ def evaluate(
             job_id, ex, split=split, size=len(runtime.split(split)), chunk_size=spec.executor.chunk_size
         )
         start = time.perf_counter()
-        result = evaluator()
+        result = evaluator(candidate)
         result.wall_s = time.perf_counter() - start
         return result
     finally:

@@ -235,8 +235,7 @@ def demo(
             }
         )
         baseline_test = run_eval(job, split="test").score
-        optimized = job.spec.model_copy(update={"registration": None})
-        test = _evaluate_candidate(optimized, result.best_candidate)
+        test = run_eval(job, split="test", candidate=result.best_candidate).score
     _print_result(result, as_json, {"test_baseline_score": baseline_test, "test_best_score": test})
 
 
@@ -248,22 +247,6 @@ def _example_job() -> Path:
         if candidate.is_file():
             return candidate
     raise DmiproError("examples/math_qa/job.yaml not found; run the demo from the dmipro repository")
-
-
-def _evaluate_candidate(spec: Any, candidate: dict[str, Any]) -> float:
-    """Score a candidate on the job's test split (held out from the optimization)."""
-    import uuid
-
-    from dmipro.evaluation import Evaluator
-    from dmipro.executor_adapters import make_executor
-    from dmipro.jobs import forget_runtime, register_runtime
-
-    job_id = f"{spec.name}-test-{uuid.uuid4().hex[:8]}"
-    runtime = register_runtime(job_id, spec)
-    with make_executor(spec.executor.backend, spec.executor.concurrency) as ex:
-        score = Evaluator(job_id, ex, split="test", size=len(runtime.split("test")))(candidate).score
-    forget_runtime(job_id)
-    return score
 
 
 @app.command()
