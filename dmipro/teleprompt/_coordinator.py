@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dmipro.errors import DmiproError, OptimizationError
 from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
@@ -38,6 +38,7 @@ __all__ = ["Coordinator", "plan_for"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 ProgressFn = Callable[[dict[str, Any]], None]
 """Receives progress dicts: phase, trials_done, trials_total, best_score, lm_calls, tokens."""
 
@@ -172,9 +173,8 @@ class Coordinator:
         self.predictors = [name for name, _ in program.named_predictors()]
         self.plan = self._plan(program)
         self._progress("bootstrap", trials_done=0, trials_total=self.plan.num_trials)
-        study = self._study()
-        first_batch = self._ask_first_batch(study)
         baseline = self._prefetch_baseline(program)
+        study = self._background(self._open_study, "dmipro-study")
         try:
             demo_sets = self._phase("bootstrap", self._bootstrap)["demo_sets"]
             proposer = GroundedProposer(
@@ -187,16 +187,36 @@ class Coordinator:
             proposals = self._phase("propose", lambda stats: proposer.propose(stats, demo_sets))
         finally:
             prefetched = baseline.result() if baseline is not None else None
-            if first_batch is not None:
-                first_batch.join()
         space = SearchSpace(
             predictors=tuple(self.predictors),
             instructions=proposals["instructions"],
             demo_sets=None if self.plan.zeroshot else demo_sets,
         )
-        study.use(space)
+        opened = study.result()
+        opened.use(space)
         with span("dmipro.phase.search", job_id=self.job_id):
-            return self._search(study, start, prefetched)
+            return self._search(opened, start, prefetched)
+
+    @staticmethod
+    def _background(fn: Callable[[], T], name: str) -> Future[T]:
+        """Run ``fn`` on its own thread, in this context (trace, correlation ids)."""
+        context = contextvars.copy_context()
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(context.run(fn))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=name, daemon=True).start()
+        return future
+
+    def _open_study(self) -> Study:
+        """Open the job's study and ask its first batch (done while phases 1 and 2 run)."""
+        study = self._study()
+        self._ask_first_batch(study)
+        return study
 
     def _study(self) -> Study:
         """The job's study, shaped by the plan (its contents arrive after phase 2)."""
@@ -209,7 +229,7 @@ class Coordinator:
         url = self.store.engine.url.render_as_string(hide_password=False)
         return Study(f"dmipro:{self.job_id}", url, seed=self.seed, space=shape)
 
-    def _ask_first_batch(self, study: Study) -> threading.Thread | None:
+    def _ask_first_batch(self, study: Study) -> None:
         """Ask the baseline and the first batch of trials now, while phases 1 and 2 run.
 
         Asking only needs the shape of the search space, which the plan fixes; each ask
@@ -218,20 +238,12 @@ class Coordinator:
         search and under a budget (whose batch size depends on what phases 1-2 cost).
         """
         if self.opt.max_lm_calls is not None or self.opt.max_cost_usd is not None or study.trials():
-            return None
+            return
         k = self._batch_size(SearchState(), self.plan, 0, study.n_startup_trials)
         kind = TrialKind.MINIBATCH if self.plan.minibatch else TrialKind.FULL
-
-        def ask() -> None:
-            study.ask(TrialKind.BASELINE, 0, study.space.baseline_params())
-            for _ in range(k):
-                study.ask(kind, 0)
-
-        thread = threading.Thread(
-            target=contextvars.copy_context().run, args=(ask,), name="dmipro-ask", daemon=True
-        )
-        thread.start()
-        return thread
+        study.ask(TrialKind.BASELINE, 0, study.space.baseline_params())
+        for _ in range(k):
+            study.ask(kind, 0)
 
     def _evaluator(self) -> Evaluator:
         return Evaluator(
@@ -264,17 +276,7 @@ class Coordinator:
         }
         evaluator = self._evaluator()
         ids = list(self.plan.val_ids)
-        context = contextvars.copy_context()  # keep the run's trace and correlation ids
-        future: Future[EvaluationResult] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(context.run(evaluator, candidate, ids, trial=1))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        threading.Thread(target=run, name="dmipro-baseline", daemon=True).start()
-        return future
+        return self._background(lambda: evaluator(candidate, ids, trial=1), "dmipro-baseline")
 
     def _plan(self, program: Any) -> RunPlan:
         return plan_for(self.runtime)
