@@ -18,7 +18,7 @@ from dmipro.jobs.candidate import Candidate, apply_candidate, fingerprint
 from dmipro.jobs.spec import JobSpec
 from dmipro.refs import import_ref
 
-__all__ = ["JobRuntime", "forget_runtime", "get_runtime", "register_runtime"]
+__all__ = ["MAX_RUNTIMES", "JobRuntime", "forget_runtime", "get_runtime", "register_runtime"]
 
 SPLITS = {"train": "trainset", "val": "valset", "test": "testset"}
 _PROGRAM_CACHE_SIZE = 256
@@ -107,16 +107,28 @@ class JobRuntime:
             ) from None
 
 
+MAX_RUNTIMES = 16
+"""Runtimes a process keeps; beyond it the least recently used one rebuilt from the database goes."""
+
 _lock = threading.Lock()
-_runtimes: dict[str, JobRuntime] = {}
+_runtimes: OrderedDict[str, JobRuntime] = OrderedDict()
 
 
 def register_runtime(job_id: str, spec: JobSpec, **objects: Any) -> JobRuntime:
-    """Build (or reuse) the runtime for ``job_id`` in this process; ``objects`` as for JobRuntime."""
+    """Build (or reuse) the runtime for ``job_id`` in this process; ``objects`` as for JobRuntime.
+
+    A long-lived worker serves many jobs, so the cache is bounded: runtimes that can be
+    rebuilt from the job database are evicted least recently used first; in-process ones
+    (``MIPROv2.compile``'s objects) stay until ``forget_runtime``.
+    """
     with _lock:
         runtime = _runtimes.get(job_id)
         if runtime is None or objects:
             runtime = _runtimes[job_id] = JobRuntime(job_id, spec, **objects)
+        _runtimes.move_to_end(job_id)
+        rebuildable = [k for k, r in _runtimes.items() if not r.in_process]
+        for key in rebuildable[: max(0, len(_runtimes) - MAX_RUNTIMES)]:
+            del _runtimes[key]
         return runtime
 
 
@@ -124,6 +136,8 @@ def get_runtime(job_id: str) -> JobRuntime:
     """The runtime for ``job_id``: this process's, or one built from the job database."""
     with _lock:
         runtime = _runtimes.get(job_id)
+        if runtime is not None:
+            _runtimes.move_to_end(job_id)
     if runtime is not None:
         return runtime
     from dmipro.jobs.store import JobStore
