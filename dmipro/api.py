@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dmipro.errors import JobSpecError
 from dmipro.evaluation import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
-from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime
+from dmipro.jobs import Job, JobStore, forget_runtime, load_job, new_job_id, register_runtime
 from dmipro.jobs.candidate import Candidate
 from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
 from dmipro.teleprompt.result import OptimizationResult
@@ -68,6 +70,21 @@ def evaluate(
             ex.close()
 
 
+@contextmanager
+def _executor(
+    executor: str | ExecutorAdapter | None, spec: Any, concurrency: int | None
+) -> Iterator[ExecutorAdapter]:
+    """The given executor, or one built from the job's settings and closed afterwards."""
+    if isinstance(executor, ExecutorAdapter):
+        yield executor
+        return
+    built = make_executor(executor or spec.executor.backend, concurrency or spec.executor.concurrency)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
 def check_plan(job: Job) -> None:
     """Raise before anything is written if MIPROv2 cannot run this job (sizes, settings)."""
     from dmipro.jobs.runtime import JobRuntime
@@ -93,34 +110,27 @@ def optimize(
     """
     job = resolve_job(source)
     spec = job.spec
-    check_plan(job)
-    store = JobStore()
-    record = store.find(job_id) if job_id else None
-    if record is None:
-        record = store.create(
-            name=spec.name, spec=job.to_json(), executor=spec.executor.backend, job_id=job_id
-        )
-    elif record.spec != job.to_json():
-        raise JobSpecError(
-            f"job {job_id} was started from a different spec; resume it with the same job "
-            "file and data, or start a new job without --job-id"
-        )
-    ex = (
-        executor
-        if isinstance(executor, ExecutorAdapter)
-        else make_executor(executor or spec.executor.backend, concurrency or spec.executor.concurrency)
-    )
+    run_id = job_id or new_job_id(spec.name)
+    runtime = register_runtime(run_id, spec)
     try:
-        runtime = register_runtime(record.id, spec)
-        return Coordinator(
-            record.id,
-            runtime,
-            ex,
-            store=store,
-            on_progress=on_progress,
-            program_path=Path(out) if out else None,
-        ).run()
+        plan_for(runtime)  # a job MIPROv2 cannot run fails here, before anything is written
+        store = JobStore()
+        record = store.find(run_id)
+        if record is None:
+            store.create(name=spec.name, spec=job.to_json(), executor=spec.executor.backend, job_id=run_id)
+        elif record.spec != job.to_json():
+            raise JobSpecError(
+                f"job {run_id} was started from a different spec; resume it with the same job "
+                "file and data, or start a new job without --job-id"
+            )
+        with _executor(executor, spec, concurrency) as ex:
+            return Coordinator(
+                run_id,
+                runtime,
+                ex,
+                store=store,
+                on_progress=on_progress,
+                program_path=Path(out) if out else None,
+            ).run()
     finally:
-        if not isinstance(executor, ExecutorAdapter):
-            ex.close()
-        forget_runtime(record.id)
+        forget_runtime(run_id)

@@ -80,6 +80,9 @@ def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = No
                           f"{', '.join(REMOTE_EXECUTORS)}, not {executor!r} (run in-process with "
                           "dmipro optimize instead)")
     job = spec if isinstance(spec, Job) else load_job(spec)
+    from dmipro.api import check_plan  # the run plan needs the teleprompt package, which imports jobs
+
+    check_plan(job)  # sizes and settings MIPROv2 cannot run with fail here, not on a worker
     check_database_for(job, executor)
     store = JobStore()
     if job_id is not None and store.find(job_id) is not None:

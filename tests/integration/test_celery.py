@@ -89,6 +89,12 @@ def test_submit_validates_the_job_before_writing_anything() -> None:
 
 
 @pytest.mark.integration
+def test_submit_checks_the_run_plan_before_writing_anything() -> None:
+    with pytest.raises(OptimizationError, match="at least 2"):
+        submit(small_job(val=1), executor="celery")
+    assert JobStore().list() == []
+
+
 def test_an_unreachable_broker_is_reported_before_the_job_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
     from dmipro.config import reload_settings
     from tests.conftest import free_port
