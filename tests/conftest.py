@@ -20,6 +20,8 @@ import pytest
 import dmipro.config
 from dmipro.config import reload_settings
 
+pytest_plugins = ["tests.subscribers._support"]  # shared fixtures: quiet_otel, recorded_events
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +22,20 @@ from dmipro.events import Event, bus
 from dmipro.lm import callbacks
 from dmipro.subscribers import KNOWN_SUBSCRIBERS, REDACTED, scrub, scrub_text
 from dmipro.subscribers.otel import OtelSubscriber, read_span_file
-from tests.subscribers._support import FakeLangfuse, iter_strings, register_versions, run_tiny, tiny_spec
+from tests.subscribers._support import (
+    FakeLangfuse,
+    iter_strings,
+    register_versions,
+    run_tiny,
+    tiny_spec,
+)
+
+pytestmark = pytest.mark.usefixtures("quiet_otel")
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-dmipro-planted-0123456789abcdef"
 TOKEN = "plantedtoken-7f3a9c2e5b1d"
 
-
-@pytest.fixture(autouse=True)
-def clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
-    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
-    monkeypatch.delenv("DMIPRO_OTEL_EXPORT_FILE", raising=False)
-    for var in ("LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY", "LANGFUSE_BASE_URL", "LANGFUSE_HOST"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    observability.shutdown()
-
-
-@pytest.fixture
-def events() -> Iterator[list[Event]]:
-    recorded: list[Event] = []
-    sub = bus.subscribe("*", recorded.append)
-    yield recorded
-    bus.remove(sub)
 
 
 def _langfuse_env(monkeypatch: pytest.MonkeyPatch, fake: FakeLangfuse) -> None:
@@ -158,8 +147,9 @@ def test_modules_import_without_the_optional_libraries() -> None:
 
 
 def test_each_occurrence_of_a_run_is_emitted_and_exported_once(
-    monkeypatch: pytest.MonkeyPatch, events: list[Event]
+    monkeypatch: pytest.MonkeyPatch, recorded_events: list[Event]
 ) -> None:
+    events = recorded_events
     exporter = InMemorySpanExporter()
     with FakeLangfuse() as fake:
         _langfuse_env(monkeypatch, fake)

@@ -27,6 +27,7 @@ raises into the run. Prompt and completion text is recorded only with
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -110,39 +111,26 @@ def _otlp_protocol(signal: str) -> str:
     return protocol
 
 
-def _otlp_span_exporter() -> Any:
-    if _otlp_protocol("TRACES") == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        except ImportError as exc:
+def _otlp_exporter(signal: str) -> Any:
+    """The OTLP exporter for ``signal`` ("TRACES" or "METRICS") over the configured protocol."""
+    module, cls = {
+        "TRACES": ("trace_exporter", "OTLPSpanExporter"),
+        "METRICS": ("metric_exporter", "OTLPMetricExporter"),
+    }[signal]
+    protocol = _otlp_protocol(signal)
+    package = "grpc" if protocol == "grpc" else "http"
+    try:
+        exporter = getattr(
+            importlib.import_module(f"opentelemetry.exporter.otlp.proto.{package}.{module}"), cls
+        )
+    except ImportError as exc:
+        if package == "grpc":
             raise ConfigError(
                 "OTLP over grpc needs its exporter: pip install opentelemetry-exporter-otlp-proto-grpc "
                 "(or use OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)"
             ) from exc
-        return OTLPSpanExporter()
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
-    except ImportError as exc:
         raise missing_extra("otel", exc) from exc
-    return HttpSpanExporter()
-
-
-def _otlp_metric_exporter() -> Any:
-    if _otlp_protocol("METRICS") == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        except ImportError as exc:
-            raise ConfigError(
-                "OTLP over grpc needs its exporter: pip install opentelemetry-exporter-otlp-proto-grpc"
-            ) from exc
-        return OTLPMetricExporter()
-    try:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-            OTLPMetricExporter as HttpMetricExporter,
-        )
-    except ImportError as exc:
-        raise missing_extra("otel", exc) from exc
-    return HttpMetricExporter()
+    return exporter()
 
 
 # -- exporters ------------------------------------------------------------------------
@@ -276,8 +264,12 @@ class _SafeExporter:
         except Exception as exc:
             level = logging.DEBUG if self._warned else logging.WARNING
             self._warned = True
-            log.log(level, "span exporter %s failed (%s); spans dropped, the run goes on",
-                    type(self.inner).__name__, scrub_text(f"{type(exc).__name__}: {exc}"))
+            log.log(
+                level,
+                "span exporter %s failed (%s); spans dropped, the run goes on",
+                type(self.inner).__name__,
+                scrub_text(f"{type(exc).__name__}: {exc}"),
+            )
             return SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
@@ -349,8 +341,10 @@ def _tracer_provider() -> tuple[Any, bool]:
         provider = sdk_trace.TracerProvider(resource=_resource())
         trace.set_tracer_provider(provider)
         if trace.get_tracer_provider() is not provider:
-            log.warning("another OpenTelemetry tracer provider is set; dmipro's spans go to a provider "
-                        "of their own, without parents from the application's spans")
+            log.warning(
+                "another OpenTelemetry tracer provider is set; dmipro's spans go to a provider "
+                "of their own, without parents from the application's spans"
+            )
         _owned_providers.add(provider)
         return provider, True
 
@@ -361,27 +355,36 @@ def _tracer_provider() -> tuple[Any, bool]:
 class _Instruments:
     def __init__(self, meter: Any) -> None:
         self.lm_tokens = meter.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Tokens per LM call, by token type")
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens per LM call, by token type"
+        )
         self.lm_duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s", description="Duration of LM calls")
+            "gen_ai.client.operation.duration", unit="s", description="Duration of LM calls"
+        )
         self.lm_calls = meter.create_counter("dmipro.lm.calls", unit="{call}", description="LM calls")
         self.lm_cost = meter.create_counter(
-            "dmipro.lm.cost", unit="USD", description="LM cost of calls whose model has a known price")
+            "dmipro.lm.cost", unit="USD", description="LM cost of calls whose model has a known price"
+        )
         self.trial_duration = meter.create_histogram(
-            "dmipro.trial.duration", unit="s", description="Wall time of a search trial")
+            "dmipro.trial.duration", unit="s", description="Wall time of a search trial"
+        )
         self.trial_score = meter.create_histogram(
-            "dmipro.trial.score", unit="1", description="Trial scores (0-100)")
+            "dmipro.trial.score", unit="1", description="Trial scores (0-100)"
+        )
         self.examples = meter.create_counter(
-            "dmipro.evaluation.examples", unit="{example}", description="Examples evaluated")
+            "dmipro.evaluation.examples", unit="{example}", description="Examples evaluated"
+        )
         self.example_errors = meter.create_counter(
             "dmipro.evaluation.errors", unit="{example}", description="Examples that raised"
         )
         self.errors = meter.create_counter(
-            "dmipro.errors", unit="{error}", description="Failed runs and storage operations")
+            "dmipro.errors", unit="{error}", description="Failed runs and storage operations"
+        )
         self.runs = meter.create_counter(
-            "dmipro.optimization.runs", unit="{run}", description="Finished runs")
+            "dmipro.optimization.runs", unit="{run}", description="Finished runs"
+        )
         self.run_score = meter.create_histogram(
-            "dmipro.optimization.score", unit="1", description="Baseline and best score of finished runs")
+            "dmipro.optimization.score", unit="1", description="Baseline and best score of finished runs"
+        )
 
 
 class OtelLMListener(LMCallListener):
@@ -410,7 +413,8 @@ class OtelLMListener(LMCallListener):
         if self.capture_text and call.messages is not None:
             attrs["gen_ai.input.messages"] = scrub_text(call.messages)
         span = self.tracer.start_span(
-            f"chat {call.model}", kind=trace.SpanKind.CLIENT, attributes=attrs, start_time=call.start_ns)
+            f"chat {call.model}", kind=trace.SpanKind.CLIENT, attributes=attrs, start_time=call.start_ns
+        )
         token = context.attach(trace.set_span_in_context(span))
         return span, token
 
@@ -446,16 +450,25 @@ class OtelLMListener(LMCallListener):
         m = self.instruments
         if m is None:
             return
-        base = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": call.provider,
-                "gen_ai.request.model": call.model}
+        base = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": call.provider,
+            "gen_ai.request.model": call.model,
+        }
         if call.error_type is not None:
             base["error.type"] = call.error_type
         m.lm_duration.record(call.duration_s, base)
         if not call.cache_hit:
             m.lm_tokens.record(call.input_tokens, {**base, "gen_ai.token.type": "input"})
             m.lm_tokens.record(call.output_tokens, {**base, "gen_ai.token.type": "output"})
-        m.lm_calls.add(1, {**base, "dmipro.lm.cache_hit": call.cache_hit,
-                           "dmipro.lm.cost_known": call.cost_usd is not None})
+        m.lm_calls.add(
+            1,
+            {
+                **base,
+                "dmipro.lm.cache_hit": call.cache_hit,
+                "dmipro.lm.cost_known": call.cost_usd is not None,
+            },
+        )
         if call.cost_usd:
             m.lm_cost.add(call.cost_usd, base)
 
@@ -536,8 +549,15 @@ class OtelSubscriber(Subscriber):
 class OtelHandle:
     """What :func:`enable` switched on; ``close()`` flushes and switches it off again."""
 
-    def __init__(self, *, relay: Any, processors: list[Any], meter_provider: Any, listener: OtelLMListener,
-                 subscriber: OtelSubscriber) -> None:
+    def __init__(
+        self,
+        *,
+        relay: Any,
+        processors: list[Any],
+        meter_provider: Any,
+        listener: OtelLMListener,
+        subscriber: OtelSubscriber,
+    ) -> None:
         self.relay = relay
         self.processors = processors
         self.meter_provider = meter_provider
@@ -601,7 +621,7 @@ def _meter_provider(metric_readers: Sequence[Any]) -> tuple[Any, Any]:
         return current.get_meter(_SCOPE), None
     readers = list(metric_readers)
     for name in _exporter_names("OTEL_METRICS_EXPORTER"):
-        exporter = _otlp_metric_exporter() if name == "otlp" else ConsoleMetricExporter()
+        exporter = _otlp_exporter("METRICS") if name == "otlp" else ConsoleMetricExporter()
         readers.append(PeriodicExportingMetricReader(exporter))
     # A provider per enable(): a closed one cannot be reopened, and only the first can be global.
     provider = MeterProvider(resource=_resource(), metric_readers=readers)
@@ -611,8 +631,9 @@ def _meter_provider(metric_readers: Sequence[Any]) -> tuple[Any, Any]:
     return provider.get_meter(_SCOPE), provider
 
 
-def enable(*, capture_text: bool = False, span_exporters: Sequence[Any] = (),
-           metric_readers: Sequence[Any] = ()) -> OtelHandle:
+def enable(
+    *, capture_text: bool = False, span_exporters: Sequence[Any] = (), metric_readers: Sequence[Any] = ()
+) -> OtelHandle:
     """Switch OpenTelemetry on in this process; see the module docstring.
 
     ``span_exporters`` are added to those the environment asks for (batched, scrubbed,
@@ -623,8 +644,10 @@ def enable(*, capture_text: bool = False, span_exporters: Sequence[Any] = (),
 
     provider, owned = _tracer_provider()
     # Read all configuration before anything starts a thread, so a ConfigError leaves nothing behind.
-    batched = [_otlp_span_exporter() if name == "otlp" else ConsoleSpanExporter()
-               for name in (_exporter_names("OTEL_TRACES_EXPORTER") if owned else [])]
+    batched = [
+        _otlp_exporter("TRACES") if name == "otlp" else ConsoleSpanExporter()
+        for name in (_exporter_names("OTEL_TRACES_EXPORTER") if owned else [])
+    ]
     batched += list(span_exporters)
     path = os.environ.get("DMIPRO_OTEL_EXPORT_FILE")
     meter, meter_provider = _meter_provider(metric_readers)
@@ -637,8 +660,13 @@ def enable(*, capture_text: bool = False, span_exporters: Sequence[Any] = (),
     subscriber = OtelSubscriber(instruments)
     callbacks.add_listener(listener, capture_text=capture_text or None)
     bus.add(subscriber)
-    return OtelHandle(relay=relay, processors=processors, meter_provider=meter_provider, listener=listener,
-                      subscriber=subscriber)
+    return OtelHandle(
+        relay=relay,
+        processors=processors,
+        meter_provider=meter_provider,
+        listener=listener,
+        subscriber=subscriber,
+    )
 
 
 def celery_instrumented() -> bool:

@@ -19,7 +19,7 @@ from dmipro.jobs import JobStore, load_job
 from dmipro.teleprompt._plan import plan_demo_sets
 from dmipro.teleprompt.mipro import run_job
 from tests.contract.conftest import CONCURRENCY
-from tests.fixtures.jobs import records
+from tests.fixtures.jobs import math_job, records
 
 TIMEOUT = 60
 
@@ -28,18 +28,14 @@ def small_job(**optimizer: Any) -> dict[str, Any]:
     """math_qa on 20 train / 20 dev examples, three candidates, four trials, seed 9."""
     opt = {"auto": None, "num_candidates": 3, "num_trials": 4, "minibatch_size": 10, "seed": 9}
     opt.update(optimizer)
-    return {
-        "name": "contract",
-        "program": "examples.math_qa.program:build",
-        "metric": "examples.math_qa.program:exact_match",
-        "trainset": records("train", 20),
-        "valset": records("dev", 20),
-        "input_keys": ["question"],
-        "lm": {"model": "sim/math", "temperature": 0.0},
-        "prompt_lm": {"model": "sim/math", "temperature": 1.0},
-        "optimizer": opt,
-        "executor": {"backend": "thread", "concurrency": CONCURRENCY},
-    }
+    return math_job(
+        name="contract",
+        trainset=records("train", 20),
+        valset=records("dev", 20),
+        prompt_lm={"model": "sim/math", "temperature": 1.0},
+        optimizer=opt,
+        executor={"backend": "thread", "concurrency": CONCURRENCY},
+    )
 
 
 def stored_job(backend: str, spec: dict[str, Any] | None = None) -> str:

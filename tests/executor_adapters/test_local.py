@@ -19,7 +19,7 @@ from dmipro.executor_adapters import (
 )
 from dmipro.jobs import forget_runtime, load_job, register_runtime
 from tests.fixtures import tasks as fixture_tasks
-from tests.fixtures.jobs import records
+from tests.fixtures.jobs import math_job, records
 
 DEV = records("dev", 12)
 
@@ -140,17 +140,7 @@ def test_thread_close_finishes_running_tasks() -> None:
 
 
 def test_executors_run_the_real_evaluate_chunk_task(executor: ExecutorAdapter) -> None:
-    job = load_job(
-        {
-            "name": "exec",
-            "program": "examples.math_qa.program:build",
-            "metric": "examples.math_qa.program:exact_match",
-            "trainset": DEV,
-            "valset": DEV,
-            "input_keys": ["question"],
-            "lm": {"model": "sim/math", "temperature": 0.0},
-        }
-    )
+    job = load_job(math_job(name="exec", trainset=DEV, valset=DEV))
     job_id = f"exec-{uuid.uuid4().hex[:8]}"
     register_runtime(job_id, job.spec)
     try:

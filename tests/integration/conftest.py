@@ -27,7 +27,7 @@ from tests.contract.workers import (
     flush,
     shared_stack_fixture,
 )
-from tests.fixtures.jobs import records
+from tests.fixtures.jobs import math_job, records
 
 
 @pytest.fixture(scope="session")
@@ -55,18 +55,15 @@ def small_job(*, latency_ms: float = 0.0, val: int = 20, **optimizer: Any) -> di
     opt = {"auto": None, "num_candidates": 3, "num_trials": 4, "minibatch_size": 10, "seed": 9}
     opt.update(optimizer)
     sim = {"sim": {"latency_ms": latency_ms}} if latency_ms else {}
-    return {
-        "name": "integration",
-        "program": "examples.math_qa.program:build",
-        "metric": "examples.math_qa.program:exact_match",
-        "trainset": records("train", 20),
-        "valset": records("dev", val),
-        "input_keys": ["question"],
-        "lm": {"model": "sim/math", "temperature": 0.0, **sim},
-        "prompt_lm": {"model": "sim/math", "temperature": 1.0, **sim},
-        "optimizer": opt,
-        "executor": {"backend": "celery", "concurrency": 4},
-    }
+    return math_job(
+        name="integration",
+        trainset=records("train", 20),
+        valset=records("dev", val),
+        lm={"model": "sim/math", "temperature": 0.0, **sim},
+        prompt_lm={"model": "sim/math", "temperature": 1.0, **sim},
+        optimizer=opt,
+        executor={"backend": "celery", "concurrency": 4},
+    )
 
 
 CRASH_DB = 13
@@ -90,8 +87,13 @@ class CrashStack:
         """Start a fresh worker for each role (they start in parallel)."""
         started = []
         for role in roles:
-            worker = celery_worker(self.env, self.logs, queues=self.QUEUES[role],
-                                   concurrency=self.SLOTS[role], tag=f"crash-{role}")
+            worker = celery_worker(
+                self.env,
+                self.logs,
+                queues=self.QUEUES[role],
+                concurrency=self.SLOTS[role],
+                tag=f"crash-{role}",
+            )
             self.roles[role] = worker.start()
             started.append(worker)
         for worker in started:
@@ -115,8 +117,9 @@ class CrashStack:
 
 
 @pytest.fixture(scope="module")
-def crash_workers(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashStack]:
+def crash_workers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CrashStack]:
     """A coordinator worker and a work worker on their own Redis databases, visibility timeout 5 s."""
     from tests.contract.workers import create_database, drop_database
 
@@ -125,8 +128,12 @@ def crash_workers(request: pytest.FixtureRequest,
     url, name = create_database(server)
     home = tmp_path_factory.mktemp("crash-stack")
     flush(redis_base, CRASH_DB, CRASH_DB + 1)
-    env = base_env(url, home, DMIPRO_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT_S),
-                   **backend_env(redis_base, "celery", CRASH_DB))
+    env = base_env(
+        url,
+        home,
+        DMIPRO_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT_S),
+        **backend_env(redis_base, "celery", CRASH_DB),
+    )
     logs = home / "logs"
     logs.mkdir()
     stack = CrashStack(env, logs)

@@ -8,29 +8,47 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / "examples" / "math_qa" / "data"
+import pytest
+
+from dmipro import observability
+from dmipro.events import Event, bus
+from tests.fixtures.jobs import math_job, records
+
+
+@pytest.fixture
+def quiet_otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """OTLP export off unless a test turns it on; subscribers switched off after each test."""
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    monkeypatch.delenv("DMIPRO_OTEL_EXPORT_FILE", raising=False)
+    for var in ("LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY", "LANGFUSE_BASE_URL", "LANGFUSE_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    observability.shutdown()
+
+
+@pytest.fixture
+def recorded_events() -> Iterator[list[Event]]:
+    """Every event emitted during the test, in order."""
+    events: list[Event] = []
+    sub = bus.subscribe("*", events.append)
+    yield events
+    bus.remove(sub)
 
 
 def tiny_spec(**overrides: Any) -> dict[str, Any]:
     """A job spec small enough to optimize in about a second on the simulator."""
-    rows = [json.loads(line) for line in (DATA / "train.jsonl").read_text().splitlines()]
-    spec: dict[str, Any] = {
-        "name": "tiny",
-        "program": "examples.math_qa.program:build",
-        "metric": "examples.math_qa.program:exact_match",
-        "trainset": rows[:20],
-        "valset": rows[20:40],
-        "input_keys": ["question"],
-        "lm": {"model": "sim/math", "temperature": 0.0},
-        "prompt_lm": {"model": "sim/math", "temperature": 1.0},
-        "optimizer": {"auto": None, "num_candidates": 3, "num_trials": 3, "minibatch_size": 10, "seed": 9},
-        "executor": {"backend": "thread", "concurrency": 8},
-    }
+    spec = math_job(
+        name="tiny",
+        trainset=records("train", 20),
+        valset=records("train", 40)[20:],
+        prompt_lm={"model": "sim/math", "temperature": 1.0},
+        optimizer={"auto": None, "num_candidates": 3, "num_trials": 3, "minibatch_size": 10, "seed": 9},
+        executor={"backend": "thread", "concurrency": 8},
+    )
     spec.update(overrides)
     return spec
 

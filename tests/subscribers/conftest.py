@@ -1,4 +1,7 @@
-"""Fixtures for the subscriber suites: no exporter reaches the network, and every test starts clean."""
+"""Fixtures for the subscriber suites: no exporter reaches the network, and every test starts clean.
+
+``quiet_otel`` and ``recorded_events`` live in ``_support`` (a pytest plugin, see tests/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 from dmipro import observability
-from dmipro.events import Event, bus
 from tests.subscribers._support import FakeLangfuse
 
 
 @pytest.fixture(autouse=True)
-def quiet_otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """OTLP export off unless a test turns it on; subscribers switched off after each test."""
-    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
-    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
-    monkeypatch.delenv("DMIPRO_OTEL_EXPORT_FILE", raising=False)
-    for var in ("LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY", "LANGFUSE_BASE_URL", "LANGFUSE_HOST"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    observability.shutdown()
+def _quiet(quiet_otel: None) -> None:
+    """Every subscriber test runs with OTLP export off and subscribers switched off after it."""
 
 
 @pytest.fixture
@@ -36,15 +31,6 @@ def fake_langfuse(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLangfuse]:
         from langfuse._client.resource_manager import LangfuseResourceManager
 
         LangfuseResourceManager.reset()
-
-
-@pytest.fixture
-def recorded_events() -> Iterator[list[Event]]:
-    """Every event emitted during the test, in order."""
-    events: list[Event] = []
-    sub = bus.subscribe("*", events.append)
-    yield events
-    bus.remove(sub)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from dmipro.errors import DecodeError, JobNotFoundError, RefError, TaskError
 from dmipro.jobs import forget_runtime, load_job, register_runtime
 from dmipro.tasks import execute, get_task, task, task_names
 from tests.fixtures import tasks as fixture_tasks
-from tests.fixtures.jobs import records
+from tests.fixtures.jobs import math_job, records
 
 DEV = records("dev", 6)
 
@@ -85,17 +85,7 @@ def test_results_come_back_as_plain_json() -> None:
 
 
 def test_evaluate_chunk_scores_the_requested_examples() -> None:
-    job = load_job(
-        {
-            "name": "chunk",
-            "program": "examples.math_qa.program:build",
-            "metric": "examples.math_qa.program:exact_match",
-            "trainset": DEV,
-            "valset": DEV,
-            "input_keys": ["question"],
-            "lm": {"model": "sim/math", "temperature": 0.0},
-        }
-    )
+    job = load_job(math_job(name="chunk", trainset=DEV, valset=DEV))
     job_id = f"chunk-{uuid.uuid4().hex[:8]}"
     register_runtime(job_id, job.spec)
     try:

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "examples" / "math_qa" / "data"
-
-
-def records(split: str, n: int) -> list[dict[str, Any]]:
-    lines = (DATA / f"{split}.jsonl").read_text().splitlines()[:n]
-    return [json.loads(line) for line in lines]
+from tests.fixtures.jobs import math_job, records
 
 
 def small_spec(
@@ -22,18 +15,15 @@ def small_spec(
     """A job dict: ChainOfThought math_qa, explicit small counts unless ``optimizer`` says otherwise."""
     opt = {"auto": None, "num_candidates": 4, "num_trials": 6, "minibatch_size": 10, "seed": 3}
     opt.update(optimizer)
-    return {
-        "name": "small",
-        "program": "examples.math_qa.program:build",
-        "metric": "examples.math_qa.program:exact_match",
-        "trainset": records("train", train),
-        "valset": records("dev", val),
-        "input_keys": ["question"],
-        "lm": lm or {"model": "sim/math", "temperature": 0.0},
-        "prompt_lm": {"model": "sim/math", "temperature": 1.0},
-        "optimizer": opt,
-        "executor": {"backend": "thread", "concurrency": 8},
-    }
+    return math_job(
+        name="small",
+        trainset=records("train", train),
+        valset=records("dev", val),
+        lm=lm or {"model": "sim/math", "temperature": 0.0},
+        prompt_lm={"model": "sim/math", "temperature": 1.0},
+        optimizer=opt,
+        executor={"backend": "thread", "concurrency": 8},
+    )
 
 
 @pytest.fixture

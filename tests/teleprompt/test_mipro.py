@@ -15,7 +15,8 @@ from dmipro.errors import DmiproError, JobSpecError, OptimizationError
 from dmipro.events import bus
 from dmipro.jobs import JobState, JobStore
 from dmipro.lm._sim import sim_lm
-from tests.teleprompt.conftest import records, small_spec
+from tests.fixtures.jobs import records
+from tests.teleprompt.conftest import small_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
