@@ -32,6 +32,8 @@ class RegistrySettings(BaseModel):
     """Deploy a newly registered version when it beats the deployed one by ``deploy_margin``."""
     deploy_margin: float = 0.0
     """Points (0-100 scale) a new version must gain over the deployed one to auto-deploy."""
+    auto_rollback: bool = False
+    """Roll back a deployed version when the A/B regression check finds it worse than its reference."""
 
 
 class Settings(BaseModel):

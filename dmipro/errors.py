@@ -18,8 +18,9 @@ into a one-line message on stderr and exit status 2.
     ├── OptimizationError      an optimization that cannot go on
     ├── JobNotFoundError       no job with that id
     ├── StorageError           saving or loading a program failed
-    └── RegistryError          a registry operation that is not allowed
-        └── NotFoundError      no such program name or version
+    ├── RegistryError          a registry operation that is not allowed
+    │   └── NotFoundError      no such program name or version
+    └── ExperimentError        an A/B experiment that cannot be created, found or acted on
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "DmiproError",
     "EvaluationError",
     "ExecutorError",
+    "ExperimentError",
     "JobNotFoundError",
     "JobTimeoutError",
     "JobSpecError",
@@ -124,3 +126,7 @@ class RegistryError(DmiproError):
 
 class NotFoundError(RegistryError):
     """No program with that name, or no such version of it."""
+
+
+class ExperimentError(DmiproError):
+    """An A/B experiment cannot be created, found, recorded into or acted on."""

@@ -57,6 +57,9 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "dspy.registry.rollback",
         "dspy.ab.assign",
         "dspy.ab.outcome",
+        "dspy.ab.decision",
+        "dspy.ab.regression",
+        "dspy.langfuse.comparison_logged",
     }
 )
 """Every event name dmipro emits; ``emit`` refuses others so a typo cannot go unnoticed."""
