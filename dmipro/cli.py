@@ -54,6 +54,9 @@ def _mount() -> None:
     worker_app.command("celery")(workers.worker_celery)
     worker_app.command("rq")(workers.worker_rq)
     app.add_typer(worker_app, name="worker")
+    from dmipro.ab.cli import ab_app
+
+    app.add_typer(ab_app, name="ab")
 
 
 console = Console(stderr=True)

@@ -223,7 +223,10 @@ def sequential_path(
 def arm_confidence_sequence(
     path: ArmPath, *, alpha: float, tau2: ArrayLike, min_n: int, binary: bool
 ) -> tuple[Floats, Floats]:
-    """Running-intersection confidence sequence of one arm's mean (the same mixture, one sample).
+    """Confidence sequence of one arm's mean (the same mixture, one sample): valid at every step at once.
+
+    Not intersected over time, so the interval always holds the current mean (the lift's
+    sequence is intersected, because its decision is "zero left the interval at some step").
 
     A binary arm uses the variance bound 1/4 (a Bernoulli variable is 1/2-sub-Gaussian, so
     the normal mixture is an exact supermartingale: Howard, Ramdas, McAuliffe, Sekhon,
@@ -238,7 +241,7 @@ def arm_confidence_sequence(
     with np.errstate(invalid="ignore"):
         low = np.where(ok, path.mean - radius, -np.inf)
         high = np.where(ok, path.mean + radius, np.inf)
-    return np.maximum.accumulate(low, axis=-1), np.minimum.accumulate(high, axis=-1)
+    return low, high
 
 
 def srm_p_value(n_control: int, n_treatment: int, split: float) -> float | None:
