@@ -146,7 +146,7 @@ def stop_command(name: ExpArg, as_json: JsonFlag = False) -> None:
 @cli_errors
 def promote_command(
     name: ExpArg,
-    arm: Annotated[str | None, typer.Option(help="control | treatment (default: the decision's winner).")] = None,
+    arm: Annotated[str | None, typer.Option(help="control | treatment (default: the winner).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Deploy the winning version through the registry and end the experiment."""
@@ -183,7 +183,8 @@ def offline_command(
         return
     typer.echo(f"{result['a']['version']}: {result['a']['score']:.2f}   {result['b']['version']}: "
                f"{result['b']['score']:.2f}   on {result['n']} {split} examples")
-    typer.echo(f"diff (b - a) {result['diff']:+.2f} points [{result['ci_low']:+.2f}, {result['ci_high']:+.2f}], "
+    typer.echo(f"diff (b - a) {result['diff']:+.2f} points "
+               f"[{result['ci_low']:+.2f}, {result['ci_high']:+.2f}], "
                f"{result['test']} p={result['p_value']:.3g}")
     typer.echo(f"better: {result['better'] or 'no significant difference'}")
 
@@ -209,7 +210,8 @@ def plan_command(
     if as_json:
         _emit(result)
         return
-    for key, label in (("fixed", "fixed horizon (one look)"), ("sequential", "sequential (any number of looks)")):
+    labels = (("fixed", "fixed horizon (one look)"), ("sequential", "sequential (any number of looks)"))
+    for key, label in labels:
         p = result[key]
         typer.echo(f"{label:<34} {p['total']:>8} units  ({p['control']} control, {p['treatment']} treatment)")
 

@@ -46,12 +46,14 @@ def plot_lift(exp: Experiment, out: str | Path) -> dict[str, Any]:
     decided = result.get("decided_at")
     if decided:
         ax.axvline(decided, color="tab:red", ls="--", lw=1.2)
-        ax.annotate(f"decision: {result['decision']}\nat {decided} units", xy=(decided, path.diff[decided - 1]),
-                    xytext=(8, 12), textcoords="offset points", color="tab:red", fontsize=9)
+        ax.annotate(f"decision: {result['decision']}\nat {decided} units",
+                    xy=(decided, path.diff[decided - 1]), xytext=(8, 12), textcoords="offset points",
+                    color="tab:red", fontsize=9)
     planned = result.get("planned_units")
     if planned and planned <= units[-1] * 1.5:
         ax.axvline(planned, color="grey", ls="-.", lw=0.8, label=f"planned size ({planned})")
-    finite = np.concatenate([low[np.isfinite(low)], high[np.isfinite(high)], path.diff[np.isfinite(path.diff)]])
+    finite = np.concatenate(
+        [low[np.isfinite(low)], high[np.isfinite(high)], path.diff[np.isfinite(path.diff)]])
     if finite.size:
         span = np.quantile(np.abs(finite), 0.98)
         ax.set_ylim(-1.2 * span - 1e-9, 1.2 * span + 1e-9)

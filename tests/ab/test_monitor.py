@@ -61,7 +61,8 @@ def test_a_regression_after_deployment_rolls_back_with_auto_rollback(
     assert mon.version == 1
     [regression] = [e for e in recorded_events if e.name == "dspy.ab.regression"]
     assert regression.data["action"] == "rollback" and regression.data["version"] == 2
-    assert [e.data["action"] for e in recorded_events if e.name == "dspy.signature.deployed"][-1] == "rollback"
+    deploys = [e.data["action"] for e in recorded_events if e.name == "dspy.signature.deployed"]
+    assert deploys[-1] == "rollback"
 
 
 def test_without_auto_rollback_a_regression_only_alerts(recorded_events: list[Event]) -> None:

@@ -45,8 +45,8 @@ def versions(tmp_path: Path) -> Path:
 def test_the_optimized_version_is_better_on_the_test_split(versions: Path,
                                                            recorded_events: list[Event]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "dmipro.cli", "ab", "offline", "math_qa@1", "math_qa@2", "--job", str(versions),
-         "--split", "test", "--json"],
+        [sys.executable, "-m", "dmipro.cli", "ab", "offline", "math_qa@1", "math_qa@2",
+         "--job", str(versions), "--split", "test", "--json"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr

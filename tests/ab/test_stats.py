@@ -63,7 +63,8 @@ def test_the_confidence_sequence_covers_the_true_lift_at_every_look() -> None:
     # The running intersection at the end is inside every interval along the way.
     missed = (path.ci_low[:, -1] > 0.05) | (path.ci_high[:, -1] < 0.05)
     assert missed.mean() <= 0.05
-    low, high = stats.arm_confidence_sequence(path.treatment, alpha=0.05, tau2=path.tau2, min_n=20, binary=True)
+    low, high = stats.arm_confidence_sequence(path.treatment, alpha=0.05, tau2=path.tau2, min_n=20,
+                                              binary=True)
     assert ((low[:, -1] > 0.35) | (high[:, -1] < 0.35)).mean() <= 0.05
 
 
