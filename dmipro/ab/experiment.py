@@ -23,9 +23,10 @@ import numpy as np
 from sqlalchemy import Integer, cast, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from dmipro.ab import stats
+from dmipro.ab import analysis, stats
 from dmipro.ab._models import ExperimentRow, OutcomeRow
 from dmipro.ab._recorder import recorder_for
+from dmipro.ab.analysis import DEFAULT_GUARDRAILS
 from dmipro.config import get_settings
 from dmipro.db import session_scope
 from dmipro.errors import ExperimentError
@@ -53,10 +54,6 @@ DECISIONS = ("treatment", "control", "continue", "no_difference")
 STATES = ("running", "stopped", "promoted")
 MODES = ("sequential", "fixed")
 GUARDRAIL_METRICS = ("latency_ms", "cost_usd", "tokens", "error_rate")
-DEFAULT_GUARDRAILS: dict[str, float] = {"latency_ms": 0.25, "cost_usd": 0.25, "error_rate": 0.02}
-"""Largest tolerated increase of the treatment over control: relative (0.25 = +25%) for
-latency, cost and tokens, absolute (0.02 = +2 points) for the error rate. A guardrail vetoes
-a winner only when its confidence sequence shows the increase beyond the limit."""
 REFRESH_S = 5.0
 """How often a process re-reads an experiment's state (stopped? promoted? rolled back?)."""
 _MAX_UNIT = 256
@@ -292,20 +289,10 @@ class Experiment:
             "outcomes": int(sum(int(r[8]) for r in rows)),
         }
 
-    def _binary(self, values: np.ndarray[Any, Any]) -> bool:
-        kind = self.settings.get("metric_type", "auto")
-        if kind != "auto":
-            return bool(kind == "binary")
-        return bool(values.size == 0 or np.isin(values, (0.0, 1.0)).all())
-
     def path(self) -> tuple[dict[str, Any], stats.SequentialPath]:
         """The per-unit data and the mSPRT path over it (for plots and custom analyses)."""
         data = self.units()
-        path = stats.sequential_path(
-            data["value"], data["treated"], alpha=self.alpha, mde=self.settings.get("mde"),
-            binary=self._binary(data["value"]), min_n=int(self.settings.get("min_n", 20)),
-        )
-        return data, path
+        return data, analysis.sequential(data, alpha=self.alpha, settings=self.settings)
 
     def analyze(self) -> dict[str, Any]:
         """The experiment's statistics and decision now; safe to call after every unit.
@@ -316,154 +303,23 @@ class Experiment:
         ``srm_p_value``. In the default sequential mode the p-value and intervals are
         anytime-valid (see :mod:`dmipro.ab.stats`).
         """
-        data, path = self.path()
-        binary = self._binary(data["value"])
-        treated = data["treated"]
-        n_t = int(treated.sum())
-        n_c = int(treated.size - n_t)
-        min_n = int(self.settings.get("min_n", 20))
-        mode = self.settings.get("mode", "sequential")
-        mde = self.settings.get("mde")
-        warnings: list[str] = []
         out: dict[str, Any] = {
             "name": self.name,
             "program": self.program_name,
             "state": self.state,
-            "mode": mode,
+            "mode": self.settings.get("mode", "sequential"),
             "metric": self.metric,
-            "metric_type": "binary" if binary else "continuous",
             "alpha": self.alpha,
             "split": self.split,
-            "units": int(treated.size),
-            "outcomes": data["outcomes"],
         }
-        last = treated.size - 1
-        for arm, member_path in (("control", path.control), ("treatment", path.treatment)):
-            version = self.control.version if arm == "control" else self.treatment.version
-            if treated.size:
-                low, high = stats.arm_confidence_sequence(member_path, alpha=self.alpha, tau2=path.tau2,
-                                                          min_n=min_n, binary=binary)
-                mean = member_path.mean[last]
-                out[arm] = {"version": version, "n": n_c if arm == "control" else n_t,
-                            "mean": _num(mean), "ci_low": _num(low[last]), "ci_high": _num(high[last])}
-            else:
-                out[arm] = {"version": version, "n": 0, "mean": None, "ci_low": None, "ci_high": None}
-        planned = self._planned(out["control"]["mean"], binary)
-        out["planned_units"] = planned
-        if mode == "fixed":
-            decision = self._fixed(out, data, binary, planned)
-        else:
-            decision = self._sequential(out, path, planned, mde)
-        out["guardrails"] = self._guardrails(data, min_n)
-        vetoed = [k for k, g in out["guardrails"].items() if g.get("vetoed")]
-        out["vetoed_by"] = vetoed
-        if decision == "treatment" and vetoed:
-            warnings.append(f"the treatment won on {self.metric} but guardrails veto it: {', '.join(vetoed)}")
-            decision = "control"
-        srm = stats.srm_p_value(n_c, n_t, self.split)
-        out["srm_p_value"] = srm
-        out["srm"] = srm is not None and srm < stats.SRM_ALPHA
-        if out["srm"]:
-            warnings.append(
-                f"sample ratio mismatch: {n_c} control vs {n_t} treatment units for a split of {self.split} "
-                f"(p={srm:.2g}); assignment or logging is broken, so no winner is declared"
-            )
-            if decision in ("treatment", "control"):
-                decision = "continue"
-        out["decision"] = decision
-        out["warnings"] = warnings
-        self._store_decision(out)
-        return out
-
-    def _planned(self, control_mean: float | None, binary: bool) -> int | None:
-        """Planned total units: ``max_units``, or the plan at ``baseline`` (else control's mean)."""
-        if self.settings.get("max_units"):
-            return int(self.settings["max_units"])
-        mde = self.settings.get("mde")
-        baseline = self.settings.get("baseline", control_mean)
-        if not mde or baseline is None or not binary:
-            return None
-        baseline = min(max(float(baseline), 0.01), 0.99 - float(mde)) if mde > 0 else baseline
         try:
-            plan = stats.plan(float(baseline), float(mde), power=float(self.settings.get("power", 0.8)),
-                              alpha=self.alpha, split=self.split)
-        except ValueError:
-            return None
-        key = "fixed" if self.settings.get("mode") == "fixed" else "sequential"
-        return int(plan[key]["total"])
-
-    def _sequential(self, out: dict[str, Any], path: stats.SequentialPath, planned: int | None,
-                    mde: float | None) -> str:
-        if path.p_value.size == 0:
-            out.update(lift=None, lift_ci_low=None, lift_ci_high=None, relative_lift=None, p_value=1.0,
-                       decided_at=None)
-            return "continue"
-        last = path.p_value.size - 1
-        diff = _num(path.diff[last])
-        low, high = _num(path.ci_low[last]), _num(path.ci_high[last])
-        p = float(path.p_value[last])
-        crossing = path.first_crossing(self.alpha)
-        control_mean = out["control"]["mean"]
-        out.update(
-            lift=diff, lift_ci_low=low, lift_ci_high=high, p_value=p,
-            relative_lift=None if diff is None or not control_mean else diff / control_mean,
-            decided_at=None if crossing is None else crossing + 1,
-        )
-        if crossing is not None:
-            return "treatment" if (low is not None and low > 0) else "control"
-        if mde and low is not None and high is not None and -mde < low and high < mde:
-            return "no_difference"  # confident the effect is smaller than the one we cared about
-        if planned is not None and path.p_value.size >= planned:
-            return "no_difference"
-        return "continue"
-
-    def _fixed(self, out: dict[str, Any], data: dict[str, Any], binary: bool, planned: int | None) -> str:
-        out.update(lift=None, lift_ci_low=None, lift_ci_high=None, relative_lift=None, p_value=None,
-                   decided_at=None)
-        if planned is None:
-            raise ExperimentError(
-                f"experiment {self.name!r} is fixed-horizon but has no plan: "
-                "create it with baseline= and mde="
-            )
-        need_c = math.ceil(planned * (1 - self.split))
-        need_t = math.ceil(planned * self.split)
-        treated, values = data["treated"], data["value"]
-        c, t = values[~treated][:need_c], values[treated][:need_t]
-        if c.size < need_c or t.size < need_t:
-            return "continue"  # a fixed-horizon test looks once, at the planned size
-        res = stats.fixed_horizon(c, t, alpha=self.alpha, binary=binary)
-        out.update(lift=res["diff"], lift_ci_low=res["ci_low"], lift_ci_high=res["ci_high"],
-                   p_value=res["p_value"], decided_at=need_c + need_t,
-                   relative_lift=res["diff"] / float(c.mean()) if c.mean() else None)
-        if res["p_value"] <= self.alpha:
-            return "treatment" if res["diff"] > 0 else "control"
-        return "no_difference"
-
-    def _guardrails(self, data: dict[str, Any], min_n: int) -> dict[str, Any]:
-        limits: dict[str, float] = dict(self.settings.get("guardrails", DEFAULT_GUARDRAILS))
-        treated = data["treated"]
-        out: dict[str, Any] = {}
-        for metric, tolerance in limits.items():
-            values = data[metric]
-            have = ~np.isnan(values)
-            if have.sum() == 0:
-                continue
-            member = treated[have]
-            path = stats.sequential_path(values[have], member, alpha=self.alpha,
-                                         binary=metric == "error_rate", min_n=min_n)
-            last = int(have.sum()) - 1
-            control_mean = _num(path.control.mean[last])
-            limit = tolerance if metric == "error_rate" else tolerance * abs(control_mean or 0.0)
-            low = _num(path.ci_low[last])
-            out[metric] = {
-                "control": control_mean,
-                "treatment": _num(path.treatment.mean[last]),
-                "diff": _num(path.diff[last]),
-                "ci_low": low,
-                "ci_high": _num(path.ci_high[last]),
-                "limit": limit,
-                "vetoed": low is not None and low > limit,
-            }
+            out.update(analysis.analyze(self.units(), alpha=self.alpha, split=self.split, metric=self.metric,
+                                        settings=self.settings))
+        except ValueError as exc:
+            raise ExperimentError(f"experiment {self.name!r}: {exc}") from exc
+        out["control"]["version"] = self.control.version
+        out["treatment"]["version"] = self.treatment.version
+        self._store_decision(out)
         return out
 
     def _store_decision(self, out: dict[str, Any]) -> None:
@@ -551,13 +407,6 @@ class Experiment:
     def __repr__(self) -> str:
         return (f"Experiment({self.name!r}, control={self.control.spec}, treatment={self.treatment.spec}, "
                 f"state={self.state})")
-
-
-def _num(value: Any) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
 
 
 # -- module functions --------------------------------------------------------------------
