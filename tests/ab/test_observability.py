@@ -1,4 +1,4 @@
-"""A/B observability: OTel metrics per arm, a regression alert span, Langfuse scores per experiment and arm."""
+"""A/B observability: OTel metrics per arm, a regression alert span, Langfuse scores per arm."""
 
 from __future__ import annotations
 
