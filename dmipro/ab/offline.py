@@ -1,7 +1,8 @@
 """Offline comparison: two registered versions on the same examples, with a paired test.
 
 Both versions are scored on one split of a job through the usual evaluation machinery
-(``dmipro.evaluate``: chunks fanned out over the job's executor, or the one given), by
+(the :class:`~dmipro.evaluation.Evaluator`: chunks fanned out over the job's executor, or
+the one given, both versions in one fan-out), by
 applying each version's instructions and demos to the job's program. Examples are
 paired by id; an example that raised under either version is left out and counted.
 Binary metrics get McNemar's exact test, continuous ones a paired t-test; the interval
@@ -11,6 +12,7 @@ as everywhere in dmipro.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -58,11 +60,12 @@ def compare(
     ``split``, ``errors`` and the discordant counts of a binary metric. Emits
     ``dspy.langfuse.comparison_logged``.
     """
-    from dmipro.api import evaluate, resolve_job
+    from dmipro.evaluation import EvalRequest, Evaluator
     from dmipro.executor_adapters import ExecutorAdapter, make_executor
+    from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime
     from dmipro.jobs._load import build_program
 
-    loaded = resolve_job(job)
+    loaded = job if isinstance(job, Job) else load_job(job)
     spec = loaded.spec
     predictors = {name for name, _ in build_program(spec.program).named_predictors()}
     registry = Registry(url or get_settings().effective_database_url)
@@ -71,10 +74,17 @@ def compare(
     owned = not isinstance(executor, ExecutorAdapter)
     ex = executor if isinstance(executor, ExecutorAdapter) else make_executor(
         executor or spec.executor.backend, concurrency or spec.executor.concurrency)
+    job_id = f"{spec.name}-offline-{uuid.uuid4().hex[:8]}"
     try:
-        res_a = evaluate(loaded, executor=ex, split=split, candidate=cand_a)
-        res_b = evaluate(loaded, executor=ex, split=split, candidate=cand_b)
+        if ex.remote:  # remote workers load the job from its row
+            job_id = JobStore().create(name=spec.name, spec=loaded.to_json(), executor=ex.name).id
+        runtime = register_runtime(job_id, spec)
+        evaluator = Evaluator(job_id, ex, split=split, size=len(runtime.split(split)),
+                              chunk_size=spec.executor.chunk_size)
+        # One fan-out for both versions: they share the executor's slots and finish together.
+        res_a, res_b = evaluator.evaluate_many([EvalRequest(cand_a), EvalRequest(cand_b)])
     finally:
+        forget_runtime(job_id)
         if owned:
             ex.close()
     by_id_b = {r.id: r for r in res_b.results}
