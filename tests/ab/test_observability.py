@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +20,7 @@ import dmipro
 from dmipro import observability
 from dmipro.config import Settings, reload_settings
 from dmipro.subscribers.langfuse import trace_id
-from tests.ab.conftest import register_two
+from tests.ab.conftest import REPO, register_two, subprocess_env
 from tests.subscribers._support import FakeLangfuse
 
 
@@ -115,3 +118,49 @@ def test_langfuse_scores_are_tagged_with_experiment_and_arm(fake_langfuse: FakeL
     [regression] = [s for s in scores if s["name"] == "ab_regression"]
     assert regression["traceId"] == trace_id("ab:monitor:math_qa") and regression["value"] < 0
     assert regression["metadata"]["action"] == "rollback"
+
+
+NEWRELIC_SCRIPT = """
+import json
+import newrelic.agent as nr
+
+nr.initialize()
+application = nr.register_application(timeout=10)
+assert application.active
+
+from dmipro import observability
+from tests.ab.test_observability import _run
+
+observability.setup()
+arms = _run()
+app = nr.application()
+core = app._agent.application(app.name)
+events = [{"type": e[0]["type"], **e[1]} for e in core._stats_engine.custom_events]
+metrics = {}
+for engine in (core._stats_engine, core._stats_custom_engine):
+    for (name, scope), stats in engine.stats_table.items():
+        metrics[name] = list(stats)[:3]
+print("RESULT " + json.dumps({"arms": arms, "events": events, "metrics": metrics}))
+observability.shutdown()
+nr.shutdown_agent(timeout=10)
+"""
+
+
+@pytest.mark.slow
+def test_new_relic_records_decisions_regressions_and_per_arm_metrics(tmp_path: Path) -> None:
+    skip = ("NEW_RELIC_", "LANGFUSE_", "OTEL_")
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith(skip)}
+    env.update(NEW_RELIC_DEVELOPER_MODE="true", NEW_RELIC_APP_NAME="dmipro-test",
+               NEW_RELIC_LOG_LEVEL="warning", DMIPRO_SUBSCRIBERS="newrelic", DMIPRO_HOME=str(tmp_path / "home"),
+               DMIPRO_CONFIG=str(tmp_path / "dmipro.yaml"), DMIPRO_ALLOWED_MODULES="examples,tests")
+    env.pop("DMIPRO_DATABASE_URL", None)
+    proc = subprocess.run([sys.executable, "-c", NEWRELIC_SCRIPT], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    [decision] = [e for e in result["events"] if e["type"] == "ABDecision"]
+    assert decision["experiment"] == "obs" and decision["decision"] == "treatment" and decision["lift"] > 0
+    [regression] = [e for e in result["events"] if e["type"] == "ABRegression"]
+    assert regression["program"] == "math_qa" and regression["action"] == "rollback"
+    for arm, units in result["arms"].items():
+        assert result["metrics"][f"Custom/dmipro/ab/obs/{arm}/value"][0] == units  # call count per arm
