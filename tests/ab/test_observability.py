@@ -151,7 +151,8 @@ def test_new_relic_records_decisions_regressions_and_per_arm_metrics(tmp_path: P
     skip = ("NEW_RELIC_", "LANGFUSE_", "OTEL_")
     env = {k: v for k, v in subprocess_env().items() if not k.startswith(skip)}
     env.update(NEW_RELIC_DEVELOPER_MODE="true", NEW_RELIC_APP_NAME="dmipro-test",
-               NEW_RELIC_LOG_LEVEL="warning", DMIPRO_SUBSCRIBERS="newrelic", DMIPRO_HOME=str(tmp_path / "home"),
+               NEW_RELIC_LOG_LEVEL="warning", DMIPRO_SUBSCRIBERS="newrelic",
+               DMIPRO_HOME=str(tmp_path / "home"),
                DMIPRO_CONFIG=str(tmp_path / "dmipro.yaml"), DMIPRO_ALLOWED_MODULES="examples,tests")
     env.pop("DMIPRO_DATABASE_URL", None)
     proc = subprocess.run([sys.executable, "-c", NEWRELIC_SCRIPT], env=env, cwd=REPO, capture_output=True,
