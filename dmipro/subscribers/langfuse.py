@@ -372,9 +372,9 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
                 name=str(data.get("metric") or "outcome"), value=float(data["value"]), trace_id=tid,
                 data_type="NUMERIC",
                 comment=f"{experiment or 'production'} / {data.get('arm')}: {program}@{version}",
+                # The registry pushes each version as prompt(s) named after the program, labelled v<N>.
                 metadata={"experiment": experiment, "arm": data.get("arm"), "program": program,
-                          "version": version, "prompt_label": f"v{version}",
-                          "prompts": list(prompt_names(program, ["self"]).values()) if program else []})
+                          "version": version, "prompt_name": program, "prompt_label": f"v{version}"})
         elif event.name == "dspy.ab.decision" and isinstance(data.get("lift"), int | float):
             experiment = str(data.get("experiment"))
             self.client.create_score(
