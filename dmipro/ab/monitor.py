@@ -55,7 +55,9 @@ class Monitor:
         mde: float | None = None,
         min_n: int = 50,
         auto_rollback: bool | None = None,
+        check_every_s: float | None = None,
     ) -> None:
+        """``check_every_s`` runs :meth:`check` that often on the background writer thread."""
         validate_name(program)
         if reference < min_n or window < min_n:
             raise ExperimentError(f"reference and window must hold at least min_n={min_n} outcomes")
@@ -67,6 +69,9 @@ class Monitor:
         self.mde = mde
         self.min_n = min_n
         self.auto_rollback = auto_rollback
+        self.check_every_s = check_every_s
+        self.last_check: dict[str, Any] | None = None
+        self._checked = time.monotonic()
         self._lock = threading.Lock()
         self._alerted: set[int] = set()
         self._version = self._read_version()
@@ -79,7 +84,10 @@ class Monitor:
         return info.version
 
     def _background(self) -> None:
-        if time.monotonic() - self._refreshed >= REFRESH_S:
+        if self.check_every_s is not None and time.monotonic() - self._checked >= self.check_every_s:
+            self._checked = time.monotonic()
+            self.check()
+        elif time.monotonic() - self._refreshed >= REFRESH_S:
             self._version = self._read_version()
             self._refreshed = time.monotonic()
 
@@ -133,6 +141,7 @@ class Monitor:
         ``action`` (``"rollback"``, ``"alert"`` or None) and ``rolled_back_to``.
         """
         self.flush()
+        self._checked = time.monotonic()
         version = self._version = self._read_version()
         self._refreshed = time.monotonic()
         with session_scope(self.url) as s:
@@ -156,6 +165,7 @@ class Monitor:
         }
         if ref.size < self.min_n or recent.size < self.min_n:
             out["status"] = "insufficient_data"
+            self.last_check = out
             return out
         stream = np.concatenate([ref, recent])
         is_recent = np.arange(stream.size) >= ref.size
@@ -170,6 +180,7 @@ class Monitor:
         out["status"] = "regression" if regression else "ok"
         if regression:
             self._act(out)
+        self.last_check = out
         return out
 
     def _act(self, out: dict[str, Any]) -> None:
@@ -207,7 +218,8 @@ def monitor(name: str, **options: Any) -> Monitor:
     """The production monitor of a registered program, or of the program an experiment ``name`` tested.
 
     ``options`` are :class:`Monitor`'s (``reference``, ``window``, ``alpha``, ``mde``,
-    ``min_n``, ``auto_rollback``, ``url``).
+    ``min_n``, ``auto_rollback``, ``check_every_s``, ``url``). With ``check_every_s`` the
+    check runs in the background, so an app that records outcomes is watched without more code.
     """
     url = options.pop("url", None) or get_settings().effective_database_url
     with session_scope(url) as s:

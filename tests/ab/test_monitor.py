@@ -90,3 +90,17 @@ def test_monitoring_a_program_with_nothing_deployed_is_a_clear_error() -> None:
     register_two(deploy=None)
     with pytest.raises(dmipro.NotFoundError, match="nothing of 'math_qa' is deployed"):
         dmipro.ab.monitor("math_qa")
+
+
+def test_a_background_check_rolls_back_without_the_app_asking() -> None:
+    import time
+
+    _auto_rollback(True)
+    _promoted_experiment()
+    mon = dmipro.ab.monitor("math_qa", reference=1000, window=600, check_every_s=0.2)
+    _production(mon.record, 600, 0.35, seed=5)
+    deadline = time.monotonic() + 30
+    while (mon.last_check or {}).get("action") != "rollback" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert registry.show("math_qa").version == 1
+    assert mon.last_check is not None and mon.last_check["action"] == "rollback"
