@@ -64,6 +64,13 @@ def _unit_hash(salt: str, unit: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
+def _number(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ExperimentError(f"an outcome must be a finite number, got {value!r}") from None
+
+
 def _unit(unit_id: object) -> str:
     unit = str(unit_id)
     if not unit or len(unit) > _MAX_UNIT:
@@ -216,11 +223,11 @@ class Experiment:
         are recorded for the deployed version (the production loop, see ``dmipro.ab.monitor``).
         """
         unit = _unit(unit_id)
-        number = float(value)
+        number = _number(value)
         if not math.isfinite(number):
             raise ExperimentError(f"an outcome must be a finite number, got {value!r}")
         for label, extra in (("latency_ms", latency_ms), ("tokens", tokens), ("cost_usd", cost_usd)):
-            if extra is not None and (not math.isfinite(float(extra)) or float(extra) < 0):
+            if extra is not None and (not math.isfinite(_number(extra)) or _number(extra) < 0):
                 raise ExperimentError(f"{label} must be a finite non-negative number, got {extra!r}")
         if self.running:
             arm = self.treatment if _unit_hash(self.salt, unit) < self.split else self.control

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from dmipro.ab import stats
 from dmipro.ab._models import ExperimentRow, OutcomeRow
 from dmipro.ab._recorder import recorder_for
-from dmipro.ab.experiment import REFRESH_S, _load_program, _unit
+from dmipro.ab.experiment import REFRESH_S, _load_program, _number, _unit
 from dmipro.config import get_settings
 from dmipro.db import session_scope
 from dmipro.errors import DmiproError, ExperimentError
@@ -113,7 +113,7 @@ class Monitor:
     ) -> None:
         """Record one outcome of the deployed version (buffered, as ``Experiment.record``)."""
         unit = _unit(unit_id)
-        number = float(value)
+        number = _number(value)
         if not math.isfinite(number):
             raise ExperimentError(f"an outcome must be a finite number, got {value!r}")
         version = self._version

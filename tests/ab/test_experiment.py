@@ -220,6 +220,8 @@ def test_duplicate_names_unknown_experiments_and_bad_outcomes_are_clear_errors()
         dmipro.ab.get("nope")
     with pytest.raises(ExperimentError, match="finite"):
         exp.record("u", float("nan"))
+    with pytest.raises(ExperimentError, match="finite number, got 'yes'"):
+        exp.record("u", "yes")  # type: ignore[arg-type]
     with pytest.raises(ExperimentError, match="unit id"):
         exp.assign("")
     with pytest.raises(ExperimentError, match="latency_ms"):
