@@ -22,7 +22,7 @@ Statistics are anytime-valid by default (mixture SPRT, confidence sequences): se
 from __future__ import annotations
 
 from dmipro.ab.experiment import DEFAULT_GUARDRAILS, Arm, Experiment, create, get
-from dmipro.ab.experiment import list_experiments as list  # noqa: A001 - the issue's public name
+from dmipro.ab.experiment import list_experiments as list  # the public name shadows the builtin here only
 from dmipro.ab.monitor import Monitor, monitor
 from dmipro.ab.offline import compare as offline
 from dmipro.ab.stats import plan
