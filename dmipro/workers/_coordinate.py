@@ -130,17 +130,23 @@ def _job_lease(job_id: str, store: JobStore) -> Iterator[bool]:
         client.close()
 
 
-_RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
-          "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
+# Renew our lease; take it back when the key vanished (Redis restarted without its data),
+# so the reconciler never sees a running job as unleased. Someone else's lease is not ours.
+_RENEW = ("local v = redis.call('get', KEYS[1]) "
+          "if v == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end "
+          "if not v then redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2]) return 2 end return 0")
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def _renew(client: Any, key: str, token: str, ttl: float, stop: threading.Event) -> None:
     while not stop.wait(ttl / 3):
         try:
-            if not client.eval(_RENEW, 1, key, token, int(ttl * 1000)):
+            renewed = client.eval(_RENEW, 1, key, token, int(ttl * 1000))
+            if not renewed:
                 log.error("lost the lease %s: another coordinator may run this job now", key)
                 return
+            if renewed == 2:
+                log.warning("the lease %s had vanished from Redis (restarted?); took it back", key)
         except Exception as exc:  # Redis away for a moment: try again next beat
             log.warning("renewing lease %s failed: %s", key, exc)
 

@@ -24,6 +24,9 @@ Configuration comes from dmipro's settings: ``DMIPRO_BROKER_URL`` and
   ``task_send_sent_event``), ``task_track_started``, and the coordinator reports its
   progress as task state ``PROGRESS`` with meta ``{phase, trials_done, trials_total,
   best_score, lm_calls, tokens, ...}``.
+- **No job left behind**: a worker consuming ``dmipro.coordinator`` runs the reconciler
+  (:mod:`dmipro.workers._reconcile`), which sends a job's coordinator again when its
+  message was lost (``DMIPRO_RECONCILE_INTERVAL``, ``DMIPRO_RECONCILE_GRACE``).
 
 Every task in :mod:`dmipro.tasks` is registered as ``dmipro.<name>`` by one generic
 wrapper that calls :func:`dmipro.tasks.execute` on the JSON payload (a string argument).
@@ -335,6 +338,7 @@ class _DeliveryLeases:
 
 
 _leases: _DeliveryLeases | None = None
+_reconciler_stop = threading.Event()
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
@@ -344,9 +348,15 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     _leases = _DeliveryLeases(app)
     _leases.thread.start()
+    if COORDINATOR_QUEUE in app.amqp.queues.consume_from:
+        # Every coordinator worker re-sends jobs whose coordinator message was lost.
+        from dmipro.workers._reconcile import start_reconciler
+
+        start_reconciler("celery", _reconciler_stop)
 
 
 def _on_worker_shutdown(**_: Any) -> None:
+    _reconciler_stop.set()
     if _leases is not None:
         _leases.stop.set()
 

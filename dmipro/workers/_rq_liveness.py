@@ -1,0 +1,55 @@
+"""dmipro's RQ worker class: a :class:`rq.SimpleWorker` that says it is alive, and reconciles.
+
+A ``SimpleWorker`` running a job sets its worker key to live for the job's whole timeout
+(an hour for LM work, a week for a coordinator), so after a SIGKILL nothing notices the
+death for that long. :class:`Worker` keeps its key's TTL at
+:data:`~dmipro.executor_adapters.rq.WORKER_ALIVE_TTL_S` from a background thread, so the
+key of a dead worker is gone within seconds: the RQ executor then sends that worker's
+tasks again, and the reconciler its coordinator (see
+:mod:`dmipro.workers._reconcile`), which a worker on ``dmipro.coordinator`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from rq import SimpleWorker
+from rq.utils import now, utcformat
+
+from dmipro.defaults import COORDINATOR_QUEUE
+from dmipro.executor_adapters.rq import WORKER_ALIVE_TTL_S
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+
+class Worker(SimpleWorker):
+    """A ``SimpleWorker`` with a short-lived key while it lives, and the reconciler on coordinator queues."""
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        stop = threading.Event()
+        threading.Thread(target=self._keep_alive, args=(stop,), name="dmipro-rq-alive", daemon=True).start()
+        if COORDINATOR_QUEUE in self.queue_names():
+            from dmipro.workers._reconcile import start_reconciler
+
+            start_reconciler("rq", stop)
+        try:
+            return bool(super().work(*args, **kwargs))
+        finally:
+            stop.set()
+
+    def _keep_alive(self, stop: threading.Event) -> None:
+        while not stop.wait(WORKER_ALIVE_TTL_S / 3):
+            if self.birth_date is None:  # not registered yet: a key now would look like a twin
+                continue
+            try:
+                with self.connection.pipeline() as pipe:
+                    # hset brings the key back after a Redis restart, so a live worker never looks dead
+                    pipe.hset(self.key, "last_heartbeat", utcformat(now()))
+                    pipe.expire(self.key, WORKER_ALIVE_TTL_S)
+                    pipe.execute()
+            except Exception as exc:  # Redis away for a moment: next beat
+                log.warning("worker %s: heartbeat failed: %s", self.name, exc)
