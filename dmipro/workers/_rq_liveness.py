@@ -16,7 +16,6 @@ import threading
 from typing import Any
 
 from rq import SimpleWorker
-from rq.utils import now, utcformat
 
 from dmipro.defaults import COORDINATOR_QUEUE
 from dmipro.executor_adapters.rq import WORKER_ALIVE_TTL_S
@@ -41,15 +40,17 @@ class Worker(SimpleWorker):
         finally:
             stop.set()
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        # RQ asks for the job's whole timeout when a job starts; the beat thread extends it instead.
+        super().heartbeat(min(timeout or WORKER_ALIVE_TTL_S, WORKER_ALIVE_TTL_S), pipeline)
+
     def _keep_alive(self, stop: threading.Event) -> None:
         while not stop.wait(WORKER_ALIVE_TTL_S / 3):
             if self.birth_date is None:  # not registered yet: a key now would look like a twin
                 continue
             try:
-                with self.connection.pipeline() as pipe:
-                    # hset brings the key back after a Redis restart, so a live worker never looks dead
-                    pipe.hset(self.key, "last_heartbeat", utcformat(now()))
-                    pipe.expire(self.key, WORKER_ALIVE_TTL_S)
-                    pipe.execute()
+                # hset (in heartbeat) brings the key back after a Redis restart, so a live worker
+                # never looks dead.
+                self.heartbeat(WORKER_ALIVE_TTL_S)
             except Exception as exc:  # Redis away for a moment: next beat
                 log.warning("worker %s: heartbeat failed: %s", self.name, exc)
