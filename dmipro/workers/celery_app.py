@@ -361,6 +361,63 @@ def _on_worker_shutdown(**_: Any) -> None:
         _leases.stop.set()
 
 
+def _survive_broker_restarts() -> None:
+    """Keep a worker alive when its Redis connection drops while it holds messages.
+
+    On a lost connection the consumer closes its channel, and kombu 5.7's Redis transport
+    then works on that channel through a connection that is already gone: restoring its
+    unacknowledged messages, and later acknowledging the tasks that were still running,
+    each raise ``AttributeError`` and end the whole worker ("Unrecoverable error"), with
+    the coordinators it runs. So, on a channel whose connection is gone:
+
+    - the restore is skipped: the messages stay in Redis's unacknowledged set (this worker
+      keeps extending the ones it still runs, the sweep brings back the others after the
+      visibility timeout), or they went with a restarted Redis and the executor and the
+      reconciler send them again — restoring them would run live tasks twice;
+    - acknowledgements go through a fresh connection to the broker, so a task that
+      finished is not redelivered.
+    """
+    from contextlib import contextmanager
+
+    from kombu.transport import redis as kombu_redis
+
+    original_restore: Any = kombu_redis.QoS.restore_unacked
+    original_conn: Any = kombu_redis.Channel.conn_or_acquire
+    if getattr(original_restore, "_dmipro", False):
+        return
+
+    def gone(channel: Any) -> bool:
+        return getattr(getattr(channel, "connection", None), "client", None) is None
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        if client is None and gone(self.channel):
+            log.warning("the broker connection dropped; %d unacknowledged message(s) stay in Redis for "
+                        "redelivery", len(self._delivered))
+            return None
+        return original_restore(self, client)
+
+    @contextmanager
+    def conn_or_acquire(self: Any, client: Any = None) -> Any:
+        if client is None and gone(self):
+            import redis
+
+            from dmipro.config import get_settings
+
+            fresh = redis.Redis.from_url(get_settings().broker_url)
+            try:
+                yield fresh
+            finally:
+                fresh.close()
+            return
+        with original_conn(self, client) as conn:
+            yield conn
+
+    restore_unacked._dmipro = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+    kombu_redis.Channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
+
+
+_survive_broker_restarts()
 signals.worker_process_init.connect(_on_worker_process_init, weak=False)
 signals.worker_init.connect(_on_worker_init, weak=False)
 signals.worker_ready.connect(_on_worker_ready, weak=False)
