@@ -9,7 +9,9 @@ after its worker died, or submitted twice. :func:`run_coordinator` makes that sa
   the holder finishes it reports the result, when the holder's process died the lease
   expires and it takes over, resuming from the checkpoints and the Optuna study;
 - a coordinator that fails before the job row says so marks the job failed, so
-  ``status`` never shows a dead job as queued.
+  ``status`` never shows a dead job as queued;
+- a coordinator whose job database went away (a PostgreSQL restart) does not fail the
+  job: it waits for the database and resumes, at most :data:`DATABASE_RESUMES` times.
 
 The timing knobs are environment variables read here, once per process:
 ``DMIPRO_VISIBILITY_TIMEOUT`` (seconds before the Redis broker redelivers a message a
@@ -29,10 +31,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dmipro.db import database_gone
 from dmipro.errors import ConfigError, DecodeError, DmiproError
 from dmipro.jobs.store import JobRecord, JobState, JobStore
 
 __all__ = [
+    "DATABASE_RESUMES",
     "DEFAULT_VISIBILITY_TIMEOUT",
     "SUMMARY_KEYS",
     "job_summary",
@@ -50,6 +54,9 @@ Live Celery workers extend it for every message they hold (see ``celery_app``), 
 long LM task or a coordinator running for hours is never redelivered while it runs;
 the value bounds how long a task of a dead worker waits before it runs elsewhere.
 """
+
+DATABASE_RESUMES = 3
+"""Times a coordinator resumes its job in place after the job database went away under it."""
 
 SUMMARY_KEYS = (
     "job_id", "baseline_score", "best_score", "trials", "lm_calls", "tokens", "cost_usd", "wall_s",
@@ -180,12 +187,21 @@ def run_coordinator(body: str, *, backend: str,
         record = store.get(job_id)
         if not held or record.state.finished:
             return job_summary(record)
-        try:
-            run_job(job_id, executor=executor, on_progress=on_progress, store=store)
-        except Exception as exc:
-            current = store.find(job_id)
-            if current is not None and not current.state.finished:
-                message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
-                store.finish(job_id, JobState.FAILED, error=message)
-            raise
+        for attempt in range(1, DATABASE_RESUMES + 2):
+            try:
+                run_job(job_id, executor=executor, on_progress=on_progress, store=store)
+                break
+            except Exception as exc:
+                if database_gone(exc) and attempt <= DATABASE_RESUMES:
+                    # The database restarted under the coordinator: once it answers again, resume
+                    # from the checkpoints and the study, as a redelivered coordinator would.
+                    log.warning("job %s: the job database went away (%s: %s); resuming when it is back "
+                                "(%d/%d)", job_id, type(exc).__name__, exc, attempt, DATABASE_RESUMES)
+                    store.find(job_id)  # waits for the database (see dmipro.db.patient_connects)
+                    continue
+                current = store.find(job_id)
+                if current is not None and not current.state.finished:
+                    message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
+                    store.finish(job_id, JobState.FAILED, error=message)
+                raise
     return job_summary(store.get(job_id))
