@@ -182,7 +182,8 @@ class RQExecutor(RemoteExecutor):
 
 
 def _failure(task: str, job: Any) -> DmiproError:
-    error = (job.meta or {}).get("error")
+    meta = job.meta if isinstance(job.meta, dict) else {}  # a job written by something else
+    error = meta.get("error")
     if isinstance(error, dict) and "type" in error:
         return remote_error(task, str(error["type"]), str(error.get("message", "")))
     # No recorded error: the worker died (AbandonedJobError) or a timeout stopped the job.

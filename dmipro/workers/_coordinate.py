@@ -21,7 +21,6 @@ timeout, at most 60 s).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -172,13 +171,13 @@ def run_coordinator(body: str, *, backend: str,
     ``body`` is the task's JSON payload (``job_id``, optional ``executor``); work tasks go
     to ``executor``, by default ``backend``. Returns :func:`job_summary` of the job.
     """
+    from dmipro.executor_adapters.base import decode_payload
     from dmipro.teleprompt.mipro import run_job
 
-    try:
-        payload = json.loads(body)
-        job_id = str(payload["job_id"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DecodeError(f"optimize payload must be a JSON object with job_id: {exc}") from exc
+    payload = decode_payload(body, what="optimize")
+    if not isinstance(payload.get("job_id"), str) or not payload["job_id"]:
+        raise DecodeError("optimize payload must be a JSON object with a job_id string")
+    job_id = payload["job_id"]
     executor = payload.get("executor") or backend
     store = JobStore()
     if store.get(job_id).state.finished:
