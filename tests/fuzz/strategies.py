@@ -11,17 +11,60 @@ from hypothesis import strategies as st
 FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True)
 """Small, fixed runs: the whole fuzz suite stays well under a minute, and a failure replays."""
 
-ODD_STRINGS = st.sampled_from([
-    "", " ", "\x00", "é", "🙂", "-1", "1e309", "NaN", "null", "true", "[]", "{}", "a" * 300,
-    "examples.math_qa.program:build", "examples.math_qa.program:exact_match", "examples.math_qa.program",
-    "examples.math_qa.program:nope", "os:system", "builtins:eval", "subprocess:Popen", "tests.fixtures.broken:x",
-    "tests.fixtures.metrics:NOT_CALLABLE", "examples:", ":build", "a:b:c", "../../etc/passwd", "/dev/zero",
-    "sim/math", "openai/gpt-x", "question", "answer", "light", "heavy", "thread", "celery",
-])
-SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
-           | st.text(max_size=12) | ODD_STRINGS)
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=8) | ODD_STRINGS, inner, max_size=4), max_leaves=10)
+ODD_STRINGS = st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "é",
+        "🙂",
+        "-1",
+        "1e309",
+        "NaN",
+        "null",
+        "true",
+        "[]",
+        "{}",
+        "a" * 300,
+        "examples.math_qa.program:build",
+        "examples.math_qa.program:exact_match",
+        "examples.math_qa.program",
+        "examples.math_qa.program:nope",
+        "os:system",
+        "builtins:eval",
+        "subprocess:Popen",
+        "tests.fixtures.broken:x",
+        "tests.fixtures.metrics:NOT_CALLABLE",
+        "examples:",
+        ":build",
+        "a:b:c",
+        "../../etc/passwd",
+        "/dev/zero",
+        "sim/math",
+        "openai/gpt-x",
+        "question",
+        "answer",
+        "light",
+        "heavy",
+        "thread",
+        "celery",
+    ]
+)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | ODD_STRINGS
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | ODD_STRINGS, inner, max_size=4)
+    ),
+    max_leaves=10,
+)
 """Any JSON-like value (and some YAML-only ones: non-finite floats, huge integers)."""
 
 

@@ -17,11 +17,12 @@ from dmipro.errors import DmiproError
 from dmipro.jobs import load_job
 from dmipro.jobs.spec import JobSpec
 from tests.conftest import free_port
-from tests.fuzz.strategies import FUZZ, JSON, mutated
 from tests.fixtures.jobs import math_job, records
+from tests.fuzz.strategies import FUZZ, JSON, mutated
 
-SETTINGS = FUZZ.__class__(FUZZ, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                     HealthCheck.too_slow])
+SETTINGS = FUZZ.__class__(
+    FUZZ, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 BASE: dict[str, Any] = math_job(
     4,

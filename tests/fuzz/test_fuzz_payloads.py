@@ -17,8 +17,9 @@ from dmipro.tasks import execute
 from tests.fuzz.strategies import FUZZ, JSON, ODD_STRINGS, mutated
 from tests.fuzz.test_fuzz_job_specs import BASE
 
-SETTINGS = FUZZ.__class__(FUZZ, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                     HealthCheck.too_slow])
+SETTINGS = FUZZ.__class__(
+    FUZZ, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 class Recording(InlineExecutor):
@@ -62,28 +63,43 @@ def answers(task: str, body: str) -> None:
     json.dumps(result, allow_nan=False)
 
 
-TASKS = ["evaluate_chunk", "bootstrap_demo_set", "propose_instruction", "describe_data", "summarize_data",
-         "describe_program", "describe_module", "optimize"]
+TASKS = [
+    "evaluate_chunk",
+    "bootstrap_demo_set",
+    "propose_instruction",
+    "describe_data",
+    "summarize_data",
+    "describe_program",
+    "describe_module",
+    "optimize",
+]
 
 
 @SETTINGS
-@given(task=st.sampled_from(TASKS), body=st.text(max_size=80) | JSON.map(json.dumps)
-       | st.sampled_from(["[" * 5000, "{\"a\":" * 3000, "\"\\ud800\"", "1e999999", "{\"job\": NaN}"]))
+@given(
+    task=st.sampled_from(TASKS),
+    body=st.text(max_size=80)
+    | JSON.map(json.dumps)
+    | st.sampled_from(["[" * 5000, '{"a":' * 3000, '"\\ud800"', "1e999999", '{"job": NaN}']),
+)
 def test_any_body_gets_a_result_or_a_clear_error(task: str, body: str) -> None:
     answers(task, body)
 
 
 @SETTINGS
 @given(data=st.data())
-def test_a_mutated_real_payload_gets_a_result_or_a_clear_error(real_payloads: dict[str, dict[str, Any]],
-                                                              data: st.DataObject) -> None:
+def test_a_mutated_real_payload_gets_a_result_or_a_clear_error(
+    real_payloads: dict[str, dict[str, Any]], data: st.DataObject
+) -> None:
     task = data.draw(st.sampled_from(sorted(real_payloads)))
     payload = data.draw(mutated(real_payloads[task], max_mutations=2))
     answers(task, json.dumps(payload))
 
 
 @SETTINGS
-@given(body=st.text(max_size=60) | JSON.map(json.dumps) | st.sampled_from(["[" * 5000, "{\"job_id\": \"\\u0000\"}"]))
+@given(
+    body=st.text(max_size=60) | JSON.map(json.dumps) | st.sampled_from(["[" * 5000, '{"job_id": "\\u0000"}'])
+)
 def test_a_coordinator_body_gets_a_summary_or_a_clear_error(body: str) -> None:
     from dmipro.workers._coordinate import run_coordinator
 
@@ -95,11 +111,27 @@ def test_a_coordinator_body_gets_a_summary_or_a_clear_error(body: str) -> None:
 
 # -- what comes back from a worker ---------------------------------------------------------
 
+
 @SETTINGS
-@given(type_name=ODD_STRINGS | st.sampled_from(["JobSpecError", "RefError", "TaskError", "LMError",
-                                                "RateLimitError", "DatasetError", "JobTimeoutError",
-                                                "DmiproError", "__class__", "errors"]) | st.text(max_size=10),
-       message=st.text(max_size=60) | ODD_STRINGS)
+@given(
+    type_name=ODD_STRINGS
+    | st.sampled_from(
+        [
+            "JobSpecError",
+            "RefError",
+            "TaskError",
+            "LMError",
+            "RateLimitError",
+            "DatasetError",
+            "JobTimeoutError",
+            "DmiproError",
+            "__class__",
+            "errors",
+        ]
+    )
+    | st.text(max_size=10),
+    message=st.text(max_size=60) | ODD_STRINGS,
+)
 def test_a_remote_error_decodes_to_a_dmipro_error(type_name: str, message: str) -> None:
     from dmipro.executor_adapters._remote import remote_error
 
@@ -107,9 +139,15 @@ def test_a_remote_error_decodes_to_a_dmipro_error(type_name: str, message: str) 
 
 
 @SETTINGS
-@given(meta=JSON | st.fixed_dictionaries({"status": st.sampled_from(["SUCCESS", "FAILURE", "REVOKED", "PENDING",
-                                                                     "STARTED", "PROGRESS"]),
-                                          "result": JSON}))
+@given(
+    meta=JSON
+    | st.fixed_dictionaries(
+        {
+            "status": st.sampled_from(["SUCCESS", "FAILURE", "REVOKED", "PENDING", "STARTED", "PROGRESS"]),
+            "result": JSON,
+        }
+    )
+)
 def test_a_celery_result_decodes_to_an_outcome(meta: Any) -> None:
     from dmipro.executor_adapters.celery import _outcome
 

@@ -16,10 +16,16 @@ from typer.testing import CliRunner
 from dmipro.errors import DmiproError
 from tests.fuzz.strategies import FUZZ, JSON, mutated
 
-SETTINGS = FUZZ.__class__(FUZZ, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                     HealthCheck.too_slow])
+SETTINGS = FUZZ.__class__(
+    FUZZ, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 REF = "examples.math_qa.program:build"
-TABLES = ("dmipro_registry_names", "dmipro_registry_versions", "dmipro_registry_deployments", "dmipro_programs")
+TABLES = (
+    "dmipro_registry_names",
+    "dmipro_registry_versions",
+    "dmipro_registry_deployments",
+    "dmipro_programs",
+)
 
 
 def _documents() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -39,7 +45,9 @@ def stored_rows() -> int:
 
     engine = get_engine()
     with engine.connect() as conn:
-        return sum(conn.execute(sa.select(sa.func.count()).select_from(sa.table(t))).scalar_one() for t in TABLES)
+        return sum(
+            conn.execute(sa.select(sa.func.count()).select_from(sa.table(t))).scalar_one() for t in TABLES
+        )
 
 
 def import_or_refuse(path: Path, program_ref: str | None) -> None:
@@ -68,8 +76,18 @@ def test_a_mutated_export_is_registered_whole_or_refused(tmp_path: Path, doc: An
 
 
 @SETTINGS
-@given(doc=mutated(DSPY_STATE), ref=st.sampled_from([REF, "os:system", "examples.math_qa.program:exact_match",
-                                                    "tests.storage.programs:build_renamed", "nope:x"]))
+@given(
+    doc=mutated(DSPY_STATE),
+    ref=st.sampled_from(
+        [
+            REF,
+            "os:system",
+            "examples.math_qa.program:exact_match",
+            "tests.storage.programs:build_renamed",
+            "nope:x",
+        ]
+    ),
+)
 def test_a_mutated_dspy_file_is_registered_whole_or_refused(tmp_path: Path, doc: Any, ref: str) -> None:
     path = tmp_path / "program.json"
     path.write_text(json.dumps(doc), encoding="utf-8")

@@ -33,8 +33,15 @@ from dmipro.jobs import JobStore, load_job
 from dmipro.jobs.submit import JobHandle, JobTimeoutError, submit
 from dmipro.teleprompt.mipro import run_job
 from tests.conftest import free_port, need
-from tests.contract.workers import WorkerProcess, base_env, celery_worker, create_database, drop_database, \
-    rq_worker, wait_for
+from tests.contract.workers import (
+    WorkerProcess,
+    base_env,
+    celery_worker,
+    create_database,
+    drop_database,
+    rq_worker,
+    wait_for,
+)
 from tests.fixtures.poison import COUNTER, POISON_ENV
 from tests.integration.conftest import small_job
 
@@ -46,6 +53,7 @@ QUEUES = {"coordinator": "dmipro.coordinator", "work": "dmipro.work"}
 
 
 # -- services the tests own -------------------------------------------------------------
+
 
 @dataclass
 class PrivateRedis:
@@ -64,8 +72,22 @@ class PrivateRedis:
         if binary is None:
             need("redis-server is not installed (apt-get install redis-server)")
         self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                str(binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(self._up, 10, "redis-server to accept connections")
 
     def _up(self) -> bool:
@@ -108,16 +130,28 @@ class PrivateCluster:
 
     def _pg(self, *args: str) -> None:
         argv = " ".join([str(self.bindir / args[0]), *args[1:]])
-        subprocess.run(["su", "postgres", "-s", "/bin/sh", "-c", argv], check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            ["su", "postgres", "-s", "/bin/sh", "-c", argv], check=True, capture_output=True, timeout=120
+        )
 
     def init(self) -> None:
-        self._pg("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._pg(
+            "initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
+        )
 
     def start(self) -> None:
         opts = f"'-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off'"
-        self._pg("pg_ctl", "-D", str(self.datadir), "-o", opts, "-l", str(self.datadir / "server.log"), "-w",
-                 "start")
+        self._pg(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-o",
+            opts,
+            "-l",
+            str(self.datadir / "server.log"),
+            "-w",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         self._pg("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop")
@@ -138,10 +172,25 @@ class Chaos:
     workers: list[WorkerProcess] = field(default_factory=list)
 
     def env(self, backend: str, **extra: str) -> dict[str, str]:
-        broker = {"celery": {"DMIPRO_BROKER_URL": f"{self.redis.url}/0", "DMIPRO_RESULT_BACKEND": f"{self.redis.url}/1"},
-                  "rq": {"DMIPRO_BROKER_URL": f"{self.redis.url}/2", "DMIPRO_RESULT_BACKEND": f"{self.redis.url}/2"}}
-        return base_env(self.database_url, self.home, DMIPRO_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT_S),
-                        DMIPRO_RECONCILE_INTERVAL="1", DMIPRO_RECONCILE_GRACE="2", **broker[backend], **extra)
+        broker = {
+            "celery": {
+                "DMIPRO_BROKER_URL": f"{self.redis.url}/0",
+                "DMIPRO_RESULT_BACKEND": f"{self.redis.url}/1",
+            },
+            "rq": {
+                "DMIPRO_BROKER_URL": f"{self.redis.url}/2",
+                "DMIPRO_RESULT_BACKEND": f"{self.redis.url}/2",
+            },
+        }
+        return base_env(
+            self.database_url,
+            self.home,
+            DMIPRO_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT_S),
+            DMIPRO_RECONCILE_INTERVAL="1",
+            DMIPRO_RECONCILE_GRACE="2",
+            **broker[backend],
+            **extra,
+        )
 
     def use(self, backend: str, monkeypatch: pytest.MonkeyPatch, database_url: str | None = None) -> None:
         env = self.env(backend)
@@ -150,15 +199,22 @@ class Chaos:
         monkeypatch.setenv("DMIPRO_DATABASE_URL", database_url or self.database_url)
         reload_settings()
 
-    def start(self, backend: str, role: str, *, database_url: str | None = None, **extra: str) -> WorkerProcess:
+    def start(
+        self, backend: str, role: str, *, database_url: str | None = None, **extra: str
+    ) -> WorkerProcess:
         env = self.env(backend, **extra)
         if database_url:
             env["DMIPRO_DATABASE_URL"] = database_url
         logs = self.home / "logs"
         logs.mkdir(exist_ok=True)
         if backend == "celery":
-            worker = celery_worker(env, logs, queues=QUEUES[role], concurrency=2 if role == "coordinator" else 4,
-                                   tag=f"chaos-{role}")
+            worker = celery_worker(
+                env,
+                logs,
+                queues=QUEUES[role],
+                concurrency=2 if role == "coordinator" else 4,
+                tag=f"chaos-{role}",
+            )
         else:
             worker = rq_worker(env, logs, queues=QUEUES[role], tag=f"chaos-rq-{role}")
         self.workers.append(worker.start())
@@ -182,7 +238,9 @@ class Chaos:
 
 
 @pytest.fixture(scope="module")
-def chaos_services(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
+def chaos_services(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Chaos]:
     server = request.getfixturevalue("postgres_server_url")
     home = tmp_path_factory.mktemp("chaos")
     redis = PrivateRedis(free_port(), home)
@@ -208,6 +266,7 @@ def chaos(chaos_services: Chaos, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ch
 
 
 # -- the job and its clean run ------------------------------------------------------------
+
 
 def chaos_job(**overrides: Any) -> dict[str, Any]:
     job = small_job(latency_ms=100.0, num_trials=TRIALS)
@@ -275,12 +334,14 @@ def assert_like_a_clean_run(job_id: str, *, resumed: bool = False) -> dict[str, 
 def study_states(job_id: str) -> list[str]:
     import optuna
 
-    study = optuna.load_study(study_name=f"dmipro:{job_id}",
-                              storage=JobStore().engine.url.render_as_string(hide_password=False))
+    study = optuna.load_study(
+        study_name=f"dmipro:{job_id}", storage=JobStore().engine.url.render_as_string(hide_password=False)
+    )
     return [t.state.name for t in study.trials]
 
 
 # -- c. the coordinator's message lost ------------------------------------------------------
+
 
 def test_celery_a_lost_coordinator_message_is_sent_again(chaos: Chaos) -> None:
     reference()
@@ -321,6 +382,7 @@ def test_rq_a_lost_coordinator_message_is_sent_again(chaos: Chaos, monkeypatch: 
 
 # -- d. an RQ work worker SIGKILLed mid-job ------------------------------------------------------
 
+
 def test_rq_a_killed_work_worker_loses_no_trial(chaos: Chaos, monkeypatch: pytest.MonkeyPatch) -> None:
     chaos.use("rq", monkeypatch)
     reference()
@@ -355,9 +417,11 @@ def test_rq_a_killed_coordinator_worker_is_resumed(chaos: Chaos, monkeypatch: py
 
 # -- e. a poison task ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["celery", "rq"])
-def test_a_poison_task_fails_the_job_once_with_its_reason(chaos: Chaos, backend: str,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_poison_task_fails_the_job_once_with_its_reason(
+    chaos: Chaos, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     chaos.use(backend, monkeypatch)
     chaos.start(backend, "coordinator")
     chaos.start(backend, "work", **{POISON_ENV: "1"})
@@ -382,6 +446,7 @@ def test_a_poison_task_fails_the_job_once_with_its_reason(chaos: Chaos, backend:
 
 
 # -- a. Redis restarted mid-job ------------------------------------------------------------
+
 
 def test_celery_redis_restarted_mid_job(chaos: Chaos) -> None:
     reference()
@@ -413,6 +478,7 @@ def test_rq_redis_restarted_mid_job(chaos: Chaos, monkeypatch: pytest.MonkeyPatc
 
 # -- b. PostgreSQL restarted mid-job ----------------------------------------------------------
 
+
 @pytest.fixture
 def private_postgres() -> Iterator[PrivateCluster]:
     """A PostgreSQL cluster of this test's own, in a temporary directory owned by ``postgres``."""
@@ -438,8 +504,9 @@ def private_postgres() -> Iterator[PrivateCluster]:
             shutil.rmtree(datadir, ignore_errors=True)
 
 
-def test_celery_postgres_restarted_mid_job(chaos: Chaos, private_postgres: PrivateCluster,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_celery_postgres_restarted_mid_job(
+    chaos: Chaos, private_postgres: PrivateCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url, name = create_database(private_postgres.url)
     try:
         chaos.use("celery", monkeypatch, database_url=url)
