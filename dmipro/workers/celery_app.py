@@ -117,6 +117,11 @@ def _config(broker_url: str, result_backend: str) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": vt},
+        # A result that cannot be stored while Redis restarts is retried, not turned into a
+        # FAILURE of a task whose body succeeded (the coordinator would fail the job on it).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         "visibility_timeout": vt,
         "result_expires": RESULT_EXPIRES_S,
         "task_track_started": True,
