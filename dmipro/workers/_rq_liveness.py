@@ -15,6 +15,7 @@ import logging
 import threading
 from typing import Any
 
+import redis
 from rq import SimpleWorker
 
 from dmipro.defaults import COORDINATOR_QUEUE
@@ -42,7 +43,24 @@ class Worker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         # RQ asks for the job's whole timeout when a job starts; the beat thread extends it instead.
-        super().heartbeat(min(timeout or WORKER_ALIVE_TTL_S, WORKER_ALIVE_TTL_S), pipeline)
+        ttl = min(timeout or WORKER_ALIVE_TTL_S, WORKER_ALIVE_TTL_S)
+        if pipeline is not None:
+            super().heartbeat(ttl, pipeline)
+            return
+        try:
+            super().heartbeat(ttl)
+        except redis.exceptions.ConnectionError as exc:
+            # RQ's dequeue loop beats right after it waited out a lost connection; a Redis
+            # that takes longer to restart would end the worker. The next beat brings the key back.
+            log.warning("worker %s: Redis is unreachable (%s); waiting for it", self.name, exc)
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        try:
+            super().execute_job(job, queue)
+        except redis.exceptions.ConnectionError as exc:
+            # Redis went away while the job started or finished: RQ would end the worker.
+            # The job's record went with a restarted Redis; the executor sends it again.
+            log.warning("worker %s: lost Redis around job %s (%s); carrying on", self.name, job.id, exc)
 
     def _keep_alive(self, stop: threading.Event) -> None:
         while not stop.wait(WORKER_ALIVE_TTL_S / 3):

@@ -459,6 +459,7 @@ def test_celery_redis_restarted_mid_job(chaos: Chaos) -> None:
     report = finish(handle, chaos)
     assert report["attempts"] == 1  # the coordinator rode it out
     assert_like_a_clean_run(handle.job_id)
+    assert all(w.alive for w in chaos.workers), chaos.logs()  # no worker gave up on the lost connection
 
 
 def test_rq_redis_restarted_mid_job(chaos: Chaos, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -474,6 +475,7 @@ def test_rq_redis_restarted_mid_job(chaos: Chaos, monkeypatch: pytest.MonkeyPatc
     report = finish(handle, chaos)
     assert report["attempts"] == 1
     assert_like_a_clean_run(handle.job_id)
+    assert all(w.alive for w in chaos.workers), chaos.logs()
 
 
 # -- b. PostgreSQL restarted mid-job ----------------------------------------------------------
