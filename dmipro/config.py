@@ -53,6 +53,11 @@ class Settings(BaseModel):
     storage: str = Field(default="db", description="DMIPRO_STORAGE: 'db' or a directory path")
     allow_sqlite_remote: bool = Field(default=False, description="DMIPRO_ALLOW_SQLITE_REMOTE")
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    reconcile_interval: float = Field(
+        default=defaults.DEFAULT_RECONCILE_INTERVAL_S, ge=0, description="DMIPRO_RECONCILE_INTERVAL"
+    )
+    reconcile_grace: float = Field(default=defaults.DEFAULT_RECONCILE_GRACE_S, ge=0,
+                                   description="DMIPRO_RECONCILE_GRACE")
 
     @field_validator("allowed_modules", "subscribers", mode="before")
     @classmethod

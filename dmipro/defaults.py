@@ -31,3 +31,9 @@ WORK_QUEUE = "dmipro.work"
 
 CONFIG_FILE = "dmipro.yaml"
 """Optional settings file looked up in the current directory."""
+
+DEFAULT_RECONCILE_INTERVAL_S = 60.0
+"""Seconds between two passes of a coordinator worker's reconciler (0 turns it off)."""
+
+DEFAULT_RECONCILE_GRACE_S = 60.0
+"""Seconds an unfinished job's row must stay unchanged before the reconciler looks for its message."""

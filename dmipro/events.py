@@ -48,6 +48,7 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "dspy.optimization.trial_complete",
         "dspy.optimization.bootstrap_complete",
         "dspy.optimization.instruction_proposal_complete",
+        "dspy.optimization.requeued",
         "dspy.signature.optimized",
         "dspy.signature.deployed",
         "dspy.storage.save",

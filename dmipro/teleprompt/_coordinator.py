@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dmipro.db import database_gone
 from dmipro.errors import DmiproError, OptimizationError
 from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import bus, correlate
@@ -157,6 +158,8 @@ class Coordinator:
                 result = self._run(start)
                 self._save(result)
             except BaseException as exc:
+                if self.executor.remote and database_gone(exc):
+                    raise  # not the job's failure: its worker resumes it when the database is back
                 message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
                 self.store.finish(self.job_id, JobState.FAILED, error=message)
                 bus.emit("dspy.optimization.error", error=message, error_type=type(exc).__name__)

@@ -134,8 +134,16 @@ class Study:
         optuna = _optuna()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.space = space
-        connect = {"timeout": 60} if storage_url.startswith("sqlite") else {}
-        storage = optuna.storages.RDBStorage(storage_url, engine_kwargs={"connect_args": connect})
+        sqlite = storage_url.startswith("sqlite")
+        # PostgreSQL: check pooled connections and wait out a server restart, as the job store does.
+        engine_kwargs: dict[str, Any] = (
+            {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+        )
+        storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
+        if not sqlite:
+            from dmipro.db import patient_connects
+
+            patient_connects(storage.engine)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
         self.study = optuna.create_study(
             study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True

@@ -68,7 +68,14 @@ def worker_celery(
     loglevel: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     hostname: Annotated[str | None, typer.Option(help="Worker name (default: celery@<host>).")] = None,
 ) -> None:
-    """Run a Celery worker on the dmipro queues (broker: DMIPRO_BROKER_URL)."""
+    """Run a Celery worker on the dmipro queues (broker: DMIPRO_BROKER_URL).
+
+    A worker on dmipro.coordinator also runs the reconciler: when it starts
+    and every DMIPRO_RECONCILE_INTERVAL seconds (default 60, 0: off) it
+    sends a queued or running job's coordinator again when its message is
+    gone (not in the queue, not held by a live worker, no lease) and the
+    job row has not changed for DMIPRO_RECONCILE_GRACE seconds (default 60).
+    """
     from dmipro.refs import ensure_importable
     from dmipro.workers.celery_app import get_app
 
@@ -91,7 +98,16 @@ def worker_rq(
     workers: Annotated[int, typer.Option(help="Worker processes (each runs one task at a time).")] = 1,
     loglevel: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
 ) -> None:
-    """Run RQ workers on the dmipro queues (Redis: DMIPRO_BROKER_URL)."""
+    """Run RQ workers on the dmipro queues (Redis: DMIPRO_BROKER_URL).
+
+    Workers keep a short-lived key in Redis, so the tasks of a worker that
+    dies are sent again within seconds. A worker on dmipro.coordinator also
+    runs the reconciler: when it starts and every DMIPRO_RECONCILE_INTERVAL
+    seconds (default 60, 0: off) it sends a queued or running job's
+    coordinator again when its message is gone (not in the queue, not held
+    by a live worker, no lease) and the job row has not changed for
+    DMIPRO_RECONCILE_GRACE seconds (default 60).
+    """
     from dmipro.workers.rq_worker import run_worker
 
     run_worker(queues.split(","), burst=burst, workers=workers, loglevel=loglevel)

@@ -166,9 +166,11 @@ def cancel_optimize(job_id: str, *, connection: Redis | None = None) -> None:
 def make_worker(queues: Sequence[str], *, connection: Redis | None = None,
                 name: str | None = None) -> SimpleWorker:
     """A worker for ``queues`` (in priority order) using the JSON serializer."""
+    from dmipro.workers._rq_liveness import Worker
+
     connection = connection or redis_connection()
     qs = [Queue(q, connection=connection, serializer=JSONSerializer) for q in queues]
-    return SimpleWorker(qs, connection=connection, serializer=JSONSerializer, name=name)
+    return Worker(qs, connection=connection, serializer=JSONSerializer, name=name)
 
 
 def run_worker(queues: Sequence[str], *, burst: bool = False, workers: int = 1, loglevel: str = "INFO",
@@ -195,7 +197,9 @@ def run_worker(queues: Sequence[str], *, burst: bool = False, workers: int = 1, 
     # telemetry threads start in the process that uses them).
     ensure_importable([Path.cwd()])
 
-    pool = WorkerPool(queues, connection=redis_connection(), num_workers=workers, worker_class=SimpleWorker,
+    from dmipro.workers._rq_liveness import Worker
+
+    pool = WorkerPool(queues, connection=redis_connection(), num_workers=workers, worker_class=Worker,
                       serializer=JSONSerializer)
     pool.start(burst=burst, logging_level=loglevel.upper())
 
