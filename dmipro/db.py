@@ -22,7 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from dmipro.config import get_settings
 from dmipro.errors import ConfigError
 
-__all__ = ["VERSION_TABLE", "Base", "get_engine", "is_sqlite", "session_scope", "upgrade"]
+__all__ = ["VERSION_TABLE", "Base", "dispose_engine", "get_engine", "is_sqlite", "session_scope", "upgrade"]
 
 VERSION_TABLE = "dmipro_alembic_version"
 
@@ -83,6 +83,15 @@ def get_engine(url: str | None = None) -> Engine:
             upgrade(engine)
             _upgraded.add(url)
     return engine
+
+
+def dispose_engine(url: str) -> None:
+    """Close and forget the engine for ``url`` (a temporary database about to be deleted)."""
+    with _lock:
+        engine = _engines.pop(url, None)
+        _upgraded.discard(url)
+    if engine is not None:
+        engine.dispose()
 
 
 def upgrade(engine: Engine) -> None:

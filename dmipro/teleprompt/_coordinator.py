@@ -600,4 +600,5 @@ class Coordinator:
             mb_candidate_programs=mb_candidate_programs,
             wall_s=time.perf_counter() - start,
             val_ids=list(self.plan.val_ids),
+            trial_candidates={n: space.candidate(e["params"]) for n, e in trial_logs.items()},
         )

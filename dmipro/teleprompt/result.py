@@ -68,6 +68,8 @@ class OptimizationResult:
     registered: dict[str, Any] | None = None
     val_ids: list[int] = field(default_factory=list)
     """Indices of the validation examples the scores are computed on."""
+    trial_candidates: dict[int, Candidate] = field(default_factory=dict)
+    """Each logged trial's candidate, by trial number (kept in memory, not in the job row)."""
 
     @property
     def usage(self) -> Usage:
