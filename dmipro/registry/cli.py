@@ -7,7 +7,6 @@ JSON with ``--json``, and exits 2 with ``error: ...`` on stderr for a dmipro err
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +31,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of te
 
 
 def _echo_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    from dmipro._cli_util import write_json
+
+    write_json(value, indent=2)
 
 
 def _score(value: float | None) -> str:

@@ -7,8 +7,6 @@ The ``dmipro`` app mounts them: ``dmipro worker celery|rq``, ``dmipro submit``,
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +30,9 @@ JobIdArg = Annotated[str, typer.Argument(help="The job id submit printed.", show
 
 
 def _emit(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    from dmipro._cli_util import write_json
+
+    write_json(data)
 
 
 def _show(report: dict[str, Any], as_json: bool) -> None:
