@@ -217,7 +217,7 @@ def _revoke(job_id: str, executor: str) -> None:
 _STATUS_FROM_PROGRESS = ("trials_done", "trials_total", "best_score", "baseline_score", "lm_calls", "tokens",
                          "cost_usd")
 _STATUS_FROM_RESULT = ("best_score", "baseline_score", "lm_calls", "tokens", "cost_usd", "stop_reason",
-                       "program_path", "registered", "wall_s")
+                       "program_path", "program_id", "registered", "wall_s")
 
 
 def status_of(record: JobRecord) -> dict[str, Any]:
@@ -243,6 +243,7 @@ def status_of(record: JobRecord) -> dict[str, Any]:
         finished_at=record.finished_at,
         updated_at=record.updated_at,
         error=record.error,
+        waiting=None,  # JobHandle.status() asks the broker; a finished job never waits
     )
     return report
 
@@ -309,7 +310,12 @@ class JobHandle:
             delay = min(delay * 2, poll_interval)
 
     def result(self) -> Any:
-        """The optimized program: a fresh program from the job's ref, loaded from the saved DSPy JSON."""
+        """The optimized program, read from the job database: a fresh program from the job's ref
+        with the stored DSPy state loaded, so any machine that reaches the database gets it.
+
+        Jobs finished before programs were kept in the database fall back to the coordinator's
+        file (``program_path``), which must then be on this machine.
+        """
         from dmipro.jobs.spec import JobSpec
         from dmipro.refs import ensure_importable
 
@@ -318,14 +324,21 @@ class JobHandle:
             detail = f": {record.error}" if record.error else ""
             raise OptimizationError(f"job {self.job_id} is {record.state.value}{detail}; a result exists "
                                     "only for a succeeded job")
+        ensure_importable([Path.cwd()])
+        program_id = (record.result or {}).get("program_id")
+        if program_id:
+            from dmipro.storage.database import DatabaseProgramStore
+            from dmipro.storage.program import build_program as build_stored
+
+            url = self._store.engine.url.render_as_string(hide_password=False)
+            return build_stored(DatabaseProgramStore(url).load(program_id))
         path = (record.result or {}).get("program_path")
         if not path:
-            raise StorageError(f"job {self.job_id} succeeded but recorded no program_path")
+            raise StorageError(f"job {self.job_id} succeeded but recorded no program")
         if not Path(path).is_file():
             raise StorageError(f"the program of job {self.job_id} was saved at {path}, which is not on this "
-                               "machine; give workers and clients a shared DMIPRO_HOME, or load it from the "
-                               "registry")
-        ensure_importable([Path.cwd()])
+                               "machine, and the job database holds no copy (it finished before programs "
+                               "were kept there); load it from the registry")
         spec = JobSpec.model_validate(record.spec)
         program = build_program(spec.program)
         try:
