@@ -21,12 +21,14 @@ from dmipro.jobs.spec import JobSpec
 from dmipro.refs import import_ref
 
 __all__ = [
+    "ADAPTERS",
     "MAX_RUNTIMES",
     "JobRuntime",
     "capture_dspy_settings",
     "forget_runtime",
     "get_runtime",
     "register_runtime",
+    "settings_of",
 ]
 
 SPLITS = {"train": "trainset", "val": "valset", "test": "testset"}
@@ -37,6 +39,25 @@ _PROGRAM_CACHE_SIZE = 256
 _PER_CALL_SETTINGS = frozenset(
     {"lm", "trace", "usage_tracker", "caller_predict", "caller_modules", "send_stream", "stream_listeners"}
 )
+
+
+ADAPTERS = ("ChatAdapter", "JSONAdapter", "XMLAdapter")
+"""DSPy adapters a job spec names (``dspy_settings.adapter``); built with their defaults."""
+
+
+def settings_of(spec: JobSpec) -> dict[str, Any]:
+    """The DSPy settings a job spec carries, as ``dspy.context`` takes them (adapter built)."""
+    import dspy
+
+    settings = dict(spec.dspy_settings or {})
+    adapter = settings.get("adapter")
+    if adapter is not None:
+        if adapter not in ADAPTERS:
+            raise JobSpecError(
+                f"unknown adapter {adapter!r}; one of {', '.join(ADAPTERS)}", field="dspy_settings.adapter"
+            )
+        settings["adapter"] = getattr(dspy, adapter)()
+    return settings
 
 
 def capture_dspy_settings() -> dict[str, Any]:
@@ -86,7 +107,7 @@ class JobRuntime:
         self._base = program.deepcopy() if program is not None else build_program(spec.program)
         self._teacher = teacher
         self.teacher_settings = dict(teacher_settings or {})
-        self.dspy_settings = dict(dspy_settings or {})
+        self.dspy_settings = dict(dspy_settings if dspy_settings is not None else settings_of(spec))
         self.examples: dict[str, list[Any]] = {}
         if examples is not None:
             self.examples = {split: list(items) for split, items in examples.items()}

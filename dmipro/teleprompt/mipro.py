@@ -315,9 +315,18 @@ class MIPROv2(Teleprompter):
             raise OptimizerArgumentError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
         executor = self.executor or "thread"
         if isinstance(executor, ExecutorAdapter) and executor.remote or executor in _REMOTE:
-            raise OptimizationError(
-                "compile() runs with in-process objects; for celery or rq submit a job spec "
-                "(dmipro.submit) whose program and metric are importable references"
+            from dmipro.teleprompt._remote_compile import compile_remote
+
+            return compile_remote(
+                self,
+                student,
+                trainset=trainset,
+                valset=valset,
+                teacher=teacher,
+                optimizer=optimizer,
+                executor=executor,
+                provide_traceback=provide_traceback,
+                job_id=job_id,
             )
         settings = capture_dspy_settings()
         if provide_traceback is not None:
