@@ -34,7 +34,7 @@ from dmipro.jobs.runtime import capture_dspy_settings, forget_runtime, get_runti
 from dmipro.jobs.spec import ExecutorConfig, JobSpec, LMConfig, OptimizerConfig
 from dmipro.jobs.store import JobState, JobStore
 from dmipro.refs import ref_of
-from dmipro.teleprompt._coordinator import Coordinator, ProgressFn
+from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
 from dmipro.teleprompt.result import OptimizationResult
 from dmipro.teleprompt.teleprompt import Teleprompter
 
@@ -358,50 +358,57 @@ class MIPROv2(Teleprompter):
         examples = {"train": list(trainset)}
         if valset is not None:
             examples["val"] = list(valset)
-        with _job_store() as (store, scratch):
-            job_id = job_id or f"{self.name}-{uuid.uuid4().hex[:12]}"
-            if store.find(job_id) is None:
-                store.create(
-                    name=spec.name,
-                    spec=spec.model_dump(mode="json"),
-                    executor=spec.executor.backend,
-                    job_id=job_id,
+        job_id = job_id or f"{self.name}-{uuid.uuid4().hex[:12]}"
+        runtime = register_runtime(
+            job_id,
+            spec,
+            program=student,
+            metric=self.metric,
+            task_lm=self.task_model,
+            prompt_lm=self.prompt_model,
+            examples=examples,
+            teacher=teacher,
+            teacher_settings=self.teacher_settings,
+            dspy_settings=settings,
+        )
+        try:
+            plan_for(runtime)  # sizes DSPy refuses (minibatch_size > valset, ...) fail before any write
+        except OptimizationError as exc:
+            forget_runtime(job_id)
+            raise OptimizerArgumentError(str(exc)) from None
+        progress = _verbose_progress(on_progress) if self.verbose else on_progress
+        owned = not isinstance(executor, ExecutorAdapter)
+        try:
+            with _job_store() as (store, scratch):
+                if store.find(job_id) is None:
+                    store.create(
+                        name=spec.name,
+                        spec=spec.model_dump(mode="json"),
+                        executor=spec.executor.backend,
+                        job_id=job_id,
+                    )
+                ex = (
+                    executor
+                    if isinstance(executor, ExecutorAdapter)
+                    else make_executor(spec.executor.backend, spec.executor.concurrency)
                 )
-            runtime = register_runtime(
-                job_id,
-                spec,
-                program=student,
-                metric=self.metric,
-                task_lm=self.task_model,
-                prompt_lm=self.prompt_model,
-                examples=examples,
-                teacher=teacher,
-                teacher_settings=self.teacher_settings,
-                dspy_settings=settings,
-            )
-            owned = not isinstance(executor, ExecutorAdapter)
-            ex = (
-                executor
-                if isinstance(executor, ExecutorAdapter)
-                else make_executor(spec.executor.backend, spec.executor.concurrency)
-            )
-            progress = _verbose_progress(on_progress) if self.verbose else on_progress
-            try:
-                result = Coordinator(
-                    job_id,
-                    runtime,
-                    ex,
-                    store=store,
-                    on_progress=progress,
-                    program_path=None if scratch is None else scratch / "program.json",
-                ).run()
+                try:
+                    result = Coordinator(
+                        job_id,
+                        runtime,
+                        ex,
+                        store=store,
+                        on_progress=progress,
+                        program_path=None if scratch is None else scratch / "program.json",
+                    ).run()
+                finally:
+                    if owned:
+                        ex.close()
                 if scratch is not None:  # the file goes with the temporary store
                     result.program_path = None
-            finally:
-                if owned:
-                    ex.close()
-                forget_runtime(job_id)
-            val_size = len(result.val_ids) or len(runtime.split("val"))
+        finally:
+            forget_runtime(job_id)
+        val_size = len(result.val_ids) or len(runtime.split("val"))
         self.prompt_model_total_calls = sum(p.prompt_lm.calls for p in result.phases.values())
         self.total_calls = sum(p.task_lm.calls for p in result.phases.values())
         if self.verbose:

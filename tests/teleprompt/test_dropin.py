@@ -267,6 +267,8 @@ def test_bad_arguments_raise_value_errors_for_both() -> None:
             compile_small(optimizer(impl, auto="light"))  # auto with num_candidates
         with pytest.raises(ValueError):
             optimizer(impl).compile(build(), trainset=[])
+        with pytest.raises(ValueError, match="[Mm]inibatch.?size"):
+            compile_small(optimizer(impl), minibatch=True, minibatch_size=35)
 
 
 # -- save with dmipro, load with plain dspy ----------------------------------------------------
