@@ -17,16 +17,14 @@ written or queued, naming the object and what to pass instead:
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dmipro.errors import OptimizerArgumentError, RefError
 from dmipro.executor_adapters import ExecutorAdapter
 from dmipro.jobs.runtime import ADAPTERS, capture_dspy_settings
 from dmipro.jobs.spec import OptimizerConfig
 from dmipro.refs import ref_of
-
-if TYPE_CHECKING:
-    from dmipro.teleprompt.mipro import MIPROv2
+from dmipro.teleprompt.mipro import MIPROv2, json_trial_logs
 
 __all__ = ["compile_remote", "remote_spec"]
 
@@ -274,7 +272,12 @@ def compile_remote(
     if opt.track_stats:
         record = handle.record
         program.score = report["best_score"]
-        program.trial_logs = {int(k): v for k, v in ((record.result or {}).get("trial_logs") or {}).items()}
+        stored = (record.result or {}).get("trial_logs") or {}
+        program.trial_logs = json_trial_logs(
+            {int(k): v for k, v in stored.items()},
+            val_size=len((record.result or {}).get("val_ids") or []),
+            minibatch_size=optimizer.minibatch_size,
+        )
         program.stats = {**report, "phases": (record.result or {}).get("phases")}
         program.job_id = handle.job_id
     return program

@@ -38,7 +38,7 @@ from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
 from dmipro.teleprompt.result import OptimizationResult
 from dmipro.teleprompt.teleprompt import Teleprompter
 
-__all__ = ["MIPROv2", "run_job"]
+__all__ = ["MIPROv2", "dspy_trial_logs", "json_trial_logs", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -56,39 +56,55 @@ def _program_file(program: Any, log_dir: str | None, name: str) -> str | None:
     return str(path)
 
 
+def json_trial_logs(
+    trial_logs: dict[int, dict[str, Any]], *, val_size: int, minibatch_size: int
+) -> dict[int, dict[str, Any]]:
+    """dmipro's trial log entries with ``dspy.MIPROv2``'s JSON keys added.
+
+    A full evaluation gets ``full_eval_score``, a minibatch trial ``mb_score``; every trial
+    ``total_eval_calls_so_far`` (examples evaluated, as DSPy counts them) and the chosen
+    ``{i}_predictor_instruction`` / ``_demos``.
+    """
+    logs: dict[int, dict[str, Any]] = {}
+    total = 0
+    for number in sorted(trial_logs):
+        ours = trial_logs[number]
+        full = bool(ours.get("full_eval"))
+        total += val_size if full else min(minibatch_size, val_size)
+        prefix = "full_eval" if full else "mb"
+        logs[number] = {
+            **ours["params"],
+            **ours,
+            "total_eval_calls_so_far": total,
+            f"{prefix}_score": ours["score"],
+        }
+    return logs
+
+
 def dspy_trial_logs(
     result: OptimizationResult, *, log_dir: str | None, val_size: int, minibatch_size: int
 ) -> dict[int, dict[str, Any]]:
     """``trial_logs`` with ``dspy.MIPROv2``'s keys, plus dmipro's (``kind``, ``score``, ``params``...).
 
-    A full evaluation has ``full_eval_score``, ``full_eval_program`` and
-    ``full_eval_program_path``; a minibatch trial ``mb_score``, ``mb_program`` and
-    ``mb_program_path``; every trial ``total_eval_calls_so_far`` (examples evaluated, as
-    DSPy counts them) and the chosen ``{i}_predictor_instruction`` / ``_demos``. With a
-    ``log_dir`` each candidate is written to ``log_dir/evaluated_programs`` under DSPy's
+    On top of :func:`json_trial_logs`: ``full_eval_program`` and ``full_eval_program_path``
+    for a full evaluation, ``mb_program`` and ``mb_program_path`` for a minibatch trial. With
+    a ``log_dir`` each candidate is written to ``log_dir/evaluated_programs`` under DSPy's
     file names.
     """
     minibatch = any(e.get("kind") == "minibatch" for e in result.trial_logs.values())
-    logs: dict[int, dict[str, Any]] = {}
-    total = 0
-    for number in sorted(result.trial_logs):
-        ours = result.trial_logs[number]
+    logs = json_trial_logs(result.trial_logs, val_size=val_size, minibatch_size=minibatch_size)
+    for number, entry in logs.items():
         program = apply_candidate(result.program.deepcopy(), result.trial_candidates.get(number))
-        full = bool(ours.get("full_eval"))
-        total += val_size if full else min(minibatch_size, val_size)
-        entry: dict[str, Any] = {**ours["params"], **ours, "total_eval_calls_so_far": total}
-        if ours.get("kind") == "baseline":
+        full = bool(entry.get("full_eval"))
+        if entry.get("kind") == "baseline":
             file_name = "-1"
         elif full and minibatch:
             file_name = f"{number}_full_eval"
         else:
             file_name = str(number)
-        path = _program_file(program, log_dir, file_name)
         prefix = "full_eval" if full else "mb"
-        entry.update(
-            {f"{prefix}_score": ours["score"], f"{prefix}_program": program, f"{prefix}_program_path": path}
-        )
-        logs[number] = entry
+        entry[f"{prefix}_program"] = program
+        entry[f"{prefix}_program_path"] = _program_file(program, log_dir, file_name)
     return logs
 
 

@@ -44,6 +44,10 @@ def test_compile_on_celery_submits_a_job_and_returns_the_program(celery_stack: A
     assert program.score == job.result["best_score"]  # type: ignore[index]
     best = job.result["best_candidate"]["predict"]  # type: ignore[index]
     assert program.predict.signature.instructions == best["instruction"]
+    first = program.trial_logs[1]  # DSPy's keys, JSON only (no program objects cross back)
+    assert first["full_eval_score"] == job.result["baseline_score"]  # type: ignore[index]
+    assert first["total_eval_calls_so_far"] == 20
+    assert any("mb_score" in e for e in program.trial_logs.values())
     # The factory itself goes the same way, to the same result (same settings and seed).
     again = opt.compile(
         build, trainset=examples("train", 20), valset=examples("dev", 20), num_trials=4, minibatch_size=10
