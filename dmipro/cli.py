@@ -69,8 +69,10 @@ ExecutorOpt = Annotated[
 
 
 def emit_json(data: Any) -> None:
-    """Print ``data`` as one line of JSON on stdout."""
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    """Print ``data`` as one line of JSON on stdout (the only thing there under ``--json``)."""
+    from dmipro._cli_util import write_json
+
+    write_json(data)
 
 
 @app.command()
@@ -325,11 +327,14 @@ _mount()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a DmiproError exits 2 with a one-line reason."""
+    from dmipro._cli_util import json_stdout
     from dmipro.refs import ensure_importable
 
     ensure_importable([Path.cwd()])
+    args = sys.argv[1:] if argv is None else argv
     try:
-        app(args=argv, standalone_mode=True)
+        with json_stdout("--json" in args):
+            app(args=args, standalone_mode=True)
     except DmiproError as exc:
         message = " ".join(str(exc).split())
         sys.stderr.write(f"error: {message}\n")

@@ -29,6 +29,7 @@ __all__ = [
     "VERSION_TABLE",
     "Base",
     "database_gone",
+    "dispose_engine",
     "get_engine",
     "is_sqlite",
     "patient_connects",
@@ -152,6 +153,15 @@ def get_engine(url: str | None = None) -> Engine:
             upgrade(engine)
             _upgraded.add(url)
     return engine
+
+
+def dispose_engine(url: str) -> None:
+    """Close and forget the engine for ``url`` (a temporary database about to be deleted)."""
+    with _lock:
+        engine = _engines.pop(url, None)
+        _upgraded.discard(url)
+    if engine is not None:
+        engine.dispose()
 
 
 def upgrade(engine: Engine) -> None:

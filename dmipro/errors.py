@@ -16,6 +16,7 @@ into a one-line message on stderr and exit status 2.
     ├── DecodeError            a payload or stored record that is not what it claims to be
     ├── EvaluationError        an evaluation that reached ``max_errors``
     ├── OptimizationError      an optimization that cannot go on
+    │   └── OptimizerArgumentError  an argument dspy.MIPROv2 also refuses (also a ValueError)
     ├── JobNotFoundError       no job with that id
     ├── StorageError           saving or loading a program failed
     ├── RegistryError          a registry operation that is not allowed
@@ -39,6 +40,7 @@ __all__ = [
     "LMError",
     "NotFoundError",
     "OptimizationError",
+    "OptimizerArgumentError",
     "RateLimitError",
     "RefError",
     "RegistryError",
@@ -110,6 +112,13 @@ class EvaluationError(DmiproError):
 
 class OptimizationError(DmiproError):
     """An optimization cannot start or go on (bad settings, every evaluation failing)."""
+
+
+class OptimizerArgumentError(OptimizationError, ValueError):
+    """An optimizer argument or dataset that ``dspy.MIPROv2`` refuses with ``ValueError`` too.
+
+    It is a ``ValueError`` so that code written for DSPy's optimizer catches it unchanged.
+    """
 
 
 class JobNotFoundError(DmiproError):

@@ -520,13 +520,44 @@ class Coordinator:
         path.parent.mkdir(parents=True, exist_ok=True)
         result.program.save(str(path))
         result.program_path = str(path)
+        if not self.runtime.in_process:  # in-process objects have no reference to rebuild them from
+            result.program_id = self._store_program(result)
         if self.runtime.spec.registration is not None and not self.runtime.in_process:
             result.registered = self._register(result)
+
+    def _record(self, result: OptimizationResult) -> Any:
+        from dmipro.storage import ProgramRecord
+
+        spec = self.runtime.spec
+        return ProgramRecord.from_program(
+            result.program,
+            program_ref=spec.program,
+            job_id=self.job_id,
+            optimizer=spec.optimizer.model_dump(mode="json"),
+            baseline_score=result.baseline_score,
+            best_score=result.best_score,
+            lm=spec.lm.model_dump(mode="json", exclude_none=True),
+            datasets=self.runtime.data_fingerprints(),
+            history=[{"trial": k, **v} for k, v in sorted(result.trial_logs.items())],
+        )
+
+    def _store_program(self, result: OptimizationResult) -> str:
+        """Save the best program in the job database's program store, once per job; its id.
+
+        The file under ``DMIPRO_HOME`` is on the coordinator's machine only; the database is
+        what every client of the job reaches (``JobHandle.result()`` reads it from there).
+        """
+        from dmipro.storage.database import DatabaseProgramStore
+
+        programs = DatabaseProgramStore(self.store.engine.url.render_as_string(hide_password=False))
+        saved = programs.list(job_id=self.job_id)
+        if saved:  # a resumed coordinator that saved it before it was stopped
+            return saved[0].id
+        return programs.save(self._record(result))
 
     def _register(self, result: OptimizationResult) -> dict[str, Any]:
         """Register the best program under the job's ``register.name``, once per job."""
         from dmipro.registry import Registry
-        from dmipro.storage import ProgramRecord
 
         spec = self.runtime.spec
         assert spec.registration is not None
@@ -539,18 +570,7 @@ class Coordinator:
         if existing:  # a resumed coordinator that registered before it was stopped
             info = existing[-1]
             return {"name": name, "version": info.version, "deployed": info.deployed}
-        record = ProgramRecord.from_program(
-            result.program,
-            program_ref=spec.program,
-            job_id=self.job_id,
-            optimizer=spec.optimizer.model_dump(mode="json"),
-            baseline_score=result.baseline_score,
-            best_score=result.best_score,
-            lm=spec.lm.model_dump(mode="json", exclude_none=True),
-            datasets=self.runtime.data_fingerprints(),
-            history=[{"trial": k, **v} for k, v in sorted(result.trial_logs.items())],
-        )
-        info = registry.register(name, record, deploy=spec.registration.deploy)
+        info = registry.register(name, self._record(result), deploy=spec.registration.deploy)
         return {"name": name, "version": info.version, "deployed": info.deployed}
 
     def _result(
@@ -603,4 +623,5 @@ class Coordinator:
             mb_candidate_programs=mb_candidate_programs,
             wall_s=time.perf_counter() - start,
             val_ids=list(self.plan.val_ids),
+            trial_candidates={n: space.candidate(e["params"]) for n, e in trial_logs.items()},
         )

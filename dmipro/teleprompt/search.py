@@ -185,8 +185,14 @@ class Study:
         optuna = _optuna()
         done, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
         st = SearchState()
+        wanted = set(self.space.distributions())
         for t in self.study.get_trials(deepcopy=False):
             kind = trial_kind(t)
+            if t.state == running and set(t.params) != wanted:
+                # A process killed between asking a trial and storing its choices left it
+                # half-made: nothing was evaluated for it, so it is dropped, not re-run.
+                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                continue
             st.batches = max(st.batches, trial_batch(t) + 1)
             if t.state == running:
                 st.running.append(t)
