@@ -228,7 +228,8 @@ class Coordinator:
         )
         url = self.store.engine.url.render_as_string(hide_password=False)
         spec = self.runtime.spec
-        attrs = {"job": self.job_id, "program": spec.program, "metric": spec.metric, "lm": spec.lm.model}
+        attrs: dict[str, Any] = {"job": self.job_id, "program": spec.program, "metric": spec.metric}
+        attrs["lm"] = spec.lm.model
         attrs["settings"] = self.opt.model_dump(mode="json")  # what optuna-dashboard shows an operator
         return Study(f"dmipro:{self.job_id}", url, seed=self.seed, space=shape, attrs=attrs)
 
