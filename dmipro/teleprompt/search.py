@@ -222,7 +222,8 @@ class Study:
                 f"the program dmipro returns is the best trial of {full_study_name(name)}",
             )
             self.full.set_user_attr(
-                "study", f"the baseline and every full-valset evaluation of {name}; its best trial is the "
+                "study",
+                f"the baseline and every full-valset evaluation of {name}; its best trial is the "
                 "program dmipro returns",
             )
             for key, value in base.items():
