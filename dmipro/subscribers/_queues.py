@@ -46,13 +46,13 @@ def queue_depths(url: str | None = None) -> list[tuple[dict[str, str], int]]:
         with _lock:
             client = _clients.get(url)
             if client is None:
-                client = _clients[url] = redis.Redis.from_url(
-                    url, socket_timeout=2, socket_connect_timeout=2
-                )
+                client = _clients[url] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         out = []
         for queue in QUEUES:
             out.append(({"dmipro.queue": queue, "dmipro.broker": "celery"}, int(client.llen(queue))))
-            out.append(({"dmipro.queue": queue, "dmipro.broker": "rq"}, int(client.llen(f"rq:queue:{queue}"))))
+            out.append(
+                ({"dmipro.queue": queue, "dmipro.broker": "rq"}, int(client.llen(f"rq:queue:{queue}")))
+            )
         return out
     except Exception as exc:  # a metric must never break the process that exports it
         level = logging.DEBUG if url in _warned else logging.WARNING
