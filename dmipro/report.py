@@ -19,6 +19,7 @@ import html
 import io
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -378,14 +379,14 @@ def _draw_choices(ax: Any, data: dict[str, Any]) -> None:
         ax.set_xlabel("importance: not computed")
         ax.text(
             0.02,
-            -0.34,
-            imp["note"],
+            0.98,
+            textwrap.fill(imp["note"] or "", 70),
             transform=ax.transAxes,
             fontsize=7.5,
             color="#a33",
-            wrap=True,
             va="top",
         )
+    ax.set_ylim(-0.7, len(labels) - 0.1)
     ax.set_yticks(ys)
     ax.set_yticklabels(labels)
     ax.grid(axis="y", visible=False)
