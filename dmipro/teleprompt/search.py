@@ -21,8 +21,11 @@ characters of its instruction and a one-line summary of its demo set.
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,19 @@ __all__ = [
 
 _ATTR = "dmipro"
 _INSTRUCTION_CHARS = 200
+
+log = logging.getLogger(__name__)
+_writer_lock = threading.Lock()
+_writer_pool: ThreadPoolExecutor | None = None
+
+
+def _writer() -> ThreadPoolExecutor:
+    """One thread per process for the readable attributes: writes in order, off the search's path."""
+    global _writer_pool
+    with _writer_lock:
+        if _writer_pool is None:
+            _writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dmipro-study-attrs")
+        return _writer_pool
 
 
 def full_study_name(study_name: str) -> str:
@@ -184,11 +200,13 @@ class Study:
     """A seeded TPE study in persistent storage, driven by ask and tell.
 
     ``attrs`` (job, program, settings ...) are written once as user attributes of the
-    study and of its full-evaluation companion (:func:`full_study_name`). Trials get their
-    readable attributes when they are told, once the real candidates are in place; the
-    companion is a copy of the main study's baseline and full trials, filled in again on
-    the first :meth:`state` of a resumed search, so a crash between the two writes loses
-    nothing.
+    study and of its full-evaluation companion (:func:`full_study_name`). A trial's readable
+    attributes are written once the real candidates are in place (on :meth:`ask`, or on
+    :meth:`use` for trials asked before), on a writer thread while the trial is evaluated,
+    and :meth:`tell` waits for them: each is a storage transaction, and the search's
+    critical path should not pay for them. The companion is a copy of the main study's
+    baseline and full trials, filled in again on the first :meth:`state` of a resumed
+    search, so a crash between the two writes loses nothing.
     """
 
     def __init__(
@@ -214,27 +232,42 @@ class Study:
         )
         self.n_startup_trials = 10
         self._synced = False
+        self._pending: dict[int, Future[None]] = {}
         if "study" not in self.study.user_attrs:  # a resumed study keeps what it was given
-            base = dict(attrs or {})
-            self.study.set_user_attr(
-                "study",
-                "TPE's trials: minibatch scores, the baseline and full-valset evaluations mixed; "
+            main = {
+                "study": "TPE's trials: minibatch scores, the baseline and full-valset evaluations mixed; "
                 f"the program dmipro returns is the best trial of {full_study_name(name)}",
-            )
-            self.full.set_user_attr(
-                "study",
-                f"the baseline and every full-valset evaluation of {name}; its best trial is the "
+                **(attrs or {}),
+            }
+            full = {
+                "study": f"the baseline and every full-valset evaluation of {name}; its best trial is the "
                 "program dmipro returns",
-            )
-            for key, value in base.items():
+                **(attrs or {}),
+            }
+            _writer().submit(self._write_study_attrs, main, full)
+
+    def _write_study_attrs(self, main: dict[str, Any], full: dict[str, Any]) -> None:
+        try:
+            for key, value in main.items():
                 self.study.set_user_attr(key, value)
+            for key, value in full.items():
                 self.full.set_user_attr(key, value)
+        except Exception:  # readable extras: the search goes on, the operator is told
+            log.warning("could not write the study attributes of %s", self.study.study_name, exc_info=True)
 
     def use(self, space: SearchSpace) -> None:
         """Put the real candidates in place of a shaped space; the dimensions must not change."""
         if space.distributions() != self.space.distributions():
             raise ValueError("the search space changed shape after trials were asked")
         self.space = space
+        optuna = _optuna()
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if self._complete(t):
+                self._describe(t._trial_id, t.number, trial_kind(t) or TrialKind.MINIBATCH, dict(t.params))
+
+    def _complete(self, trial: Any) -> bool:
+        """Whether a trial has every parameter (one killed while being asked may have none)."""
+        return set(trial.params) == set(self.space.distributions())
 
     def ask(self, kind: str, batch: int, params: dict[str, Any] | None = None) -> Any:
         """A new trial (its params fixed when given), tagged with its kind and batch."""
@@ -243,7 +276,20 @@ class Study:
         trial = self.study.ask(self.space.distributions())
         # One attribute, one storage write: each write is a transaction on the critical path.
         trial.set_user_attr(_ATTR, {"kind": kind, "batch": batch})
+        if not self.space.placeholder:
+            self._describe(trial._trial_id, trial.number, kind, dict(trial.params))
         return trial
+
+    def _describe(self, trial_id: int, number: int, kind: str, params: dict[str, Any]) -> None:
+        """Write a trial's readable attributes on the writer thread; :meth:`tell` waits for them."""
+        attrs = self._readable(kind, params)
+        storage = self.study._storage  # optuna's Study has no public per-trial-id write
+
+        def write() -> None:
+            for key, value in attrs.items():
+                storage.set_trial_user_attr(trial_id, key, value)
+
+        self._pending[number] = _writer().submit(write)
 
     def _readable(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         # Separate keys, because optuna-dashboard's trial table makes a column of each; every
@@ -261,8 +307,15 @@ class Study:
         if trial.state.is_finished():  # told already (a redelivered result)
             return
         kind = trial_kind(trial) or TrialKind.MINIBATCH
-        for key, value in self._readable(kind, trial.params).items():
-            storage.set_trial_user_attr(trial_id, key, value)
+        pending = self._pending.pop(number, None)
+        if pending is None:  # asked where this object did not see it: describe it now
+            for key, value in self._readable(kind, trial.params).items():
+                storage.set_trial_user_attr(trial_id, key, value)
+        else:
+            try:
+                pending.result()
+            except Exception:  # readable extras: the search goes on, the operator is told
+                log.warning("could not write the attributes of trial %d", number, exc_info=True)
         self.study.tell(number, score, skip_if_finished=True)
         if kind != TrialKind.MINIBATCH:
             self._copy_full(number, trial.params, score, kind, trial_batch(trial))
@@ -324,6 +377,11 @@ class Study:
             kind = trial_kind(t)
             st.batches = max(st.batches, trial_batch(t) + 1)
             if t.state == running:
+                if not self._complete(t):
+                    # Killed while it was being asked: never evaluated, and it cannot be. Failed,
+                    # it counts for nothing and TPE ignores it; the search asks another.
+                    self.study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                    continue
                 st.running.append(t)
                 continue
             if t.state != done or t.value is None:

@@ -95,3 +95,17 @@ def test_a_crash_between_the_two_writes_is_repaired_on_resume(
     assert resumed.study.user_attrs["job"] == "crash"
     resumed.state()
     assert len(_load("dmipro:crash:full").trials) == 2  # the repair runs once, adds nothing twice
+
+
+def test_a_trial_killed_while_being_asked_is_failed_not_rerun() -> None:
+    space = SearchSpace(
+        predictors=("predict",), instructions={"predict": ["Answer.", "Think."]}, demo_sets=None
+    )
+    study = Study("dmipro:half-asked", _storage_url(), seed=0, space=space)
+    asked = study.ask("minibatch", 0)
+    # What a kill between optuna's "create the trial" and "write its params" leaves behind.
+    study.study._storage.create_new_trial(study.study._study_id)
+    st = study.state()
+    assert [t.number for t in st.running] == [asked.number]
+    states = [t.state for t in _load("dmipro:half-asked").trials]
+    assert states == [optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL]
