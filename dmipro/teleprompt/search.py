@@ -227,39 +227,53 @@ class Study:
         self.study = optuna.create_study(
             study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
         )
-        self.full = optuna.create_study(
-            study_name=full_study_name(name), storage=storage, direction="maximize", load_if_exists=True
-        )
         self.n_startup_trials = 10
         self._synced = False
         self._pending: dict[int, Future[None]] = {}
-        if "study" not in self.study.user_attrs:  # a resumed study keeps what it was given
-            main = {
-                "study": "TPE's trials: minibatch scores, the baseline and full-valset evaluations mixed; "
-                f"the program dmipro returns is the best trial of {full_study_name(name)}",
-                **(attrs or {}),
-            }
-            full = {
-                "study": f"the baseline and every full-valset evaluation of {name}; its best trial is the "
-                "program dmipro returns",
-                **(attrs or {}),
-            }
-            _writer().submit(self._write_study_attrs, main, full)
+        self._storage, self._attrs = storage, dict(attrs or {})
+        self._full: Future[Any] | None = None
 
-    def _write_study_attrs(self, main: dict[str, Any], full: dict[str, Any]) -> None:
+    @property
+    def full(self) -> Any:
+        """The companion study (:func:`full_study_name`), opened on the writer thread."""
+        if self._full is None:
+            self._full = _writer().submit(self._open_full)
+        return self._full.result()
+
+    def _open_full(self) -> Any:
+        optuna = _optuna()
+        name = self.study.study_name
+        full = optuna.create_study(
+            study_name=full_study_name(name), storage=self._storage, direction="maximize", load_if_exists=True
+        )
+        if "study" in self.study.user_attrs:  # a resumed study keeps what it was given
+            return full
+        main = {
+            **self._attrs,
+            "study": "TPE's trials: minibatch scores, the baseline and full-valset evaluations mixed; "
+            f"the program dmipro returns is the best trial of {full_study_name(name)}",
+        }
+        companion = {
+            "study": f"the baseline and every full-valset evaluation of {name}; its best trial is the "
+            "program dmipro returns",
+            **self._attrs,
+        }
         try:
-            for key, value in main.items():
+            for key, value in companion.items():
+                full.set_user_attr(key, value)
+            for key, value in main.items():  # "study" last: written means all were written
                 self.study.set_user_attr(key, value)
-            for key, value in full.items():
-                self.full.set_user_attr(key, value)
         except Exception:  # readable extras: the search goes on, the operator is told
-            log.warning("could not write the study attributes of %s", self.study.study_name, exc_info=True)
+            log.warning("could not write the study attributes of %s", name, exc_info=True)
+        return full
 
     def use(self, space: SearchSpace) -> None:
         """Put the real candidates in place of a shaped space; the dimensions must not change."""
         if space.distributions() != self.space.distributions():
             raise ValueError("the search space changed shape after trials were asked")
         self.space = space
+        if self._full is None:  # open the companion and write the study's attributes meanwhile
+            self._full = _writer().submit(self._open_full)
         optuna = _optuna()
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if self._complete(t):
