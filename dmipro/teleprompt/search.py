@@ -248,10 +248,11 @@ class Study:
         )
         if "study" in self.study.user_attrs:  # a resumed study keeps what it was given
             return full
+        # "study" first: optuna-dashboard lists the attributes in order, five to a page.
         main = {
-            **self._attrs,
             "study": "TPE's trials: minibatch scores, the baseline and full-valset evaluations mixed; "
             f"the program dmipro returns is the best trial of {full_study_name(name)}",
+            **self._attrs,
         }
         companion = {
             "study": f"the baseline and every full-valset evaluation of {name}; its best trial is the "
@@ -261,7 +262,7 @@ class Study:
         try:
             for key, value in companion.items():
                 full.set_user_attr(key, value)
-            for key, value in main.items():  # "study" last: written means all were written
+            for key, value in main.items():
                 self.study.set_user_attr(key, value)
         except Exception:  # readable extras: the search goes on, the operator is told
             log.warning("could not write the study attributes of %s", name, exc_info=True)
