@@ -283,6 +283,26 @@ def jobs(
     Console().print(table)
 
 
+@app.command()
+def report(
+    job_ids: Annotated[list[str], typer.Argument(help="A job id, or two to compare side by side.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="report.png or report.html (default: report-<job>.png)."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """One figure of a run: scores per trial, best so far, which choices mattered, LM use per phase."""
+    from dmipro.report import report as build
+
+    # --json alone prints the numbers and draws nothing (no matplotlib needed).
+    data = build(job_ids, out=out, figure_file=not as_json)
+    if as_json:
+        emit_json(data)
+    else:
+        console.print(f"report: {data['out']}")
+
+
 @sim_app.command("serve")
 def sim_serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",

@@ -17,7 +17,8 @@
   phase, run;
 - metrics through a meter provider (``OTEL_METRICS_EXPORTER``, same values): token
   usage and call duration per model, LM cost, trial duration and score, evaluation
-  examples and errors, run outcomes; and each dmipro event as a span event on the
+  examples and errors, run outcomes, broker queue depth (``dmipro.queue.depth``, see
+  ``_queues.py``); and each dmipro event as a span event on the
   current span.
 
 Every exporter is wrapped so that it scrubs secrets from what it sends and never
@@ -403,6 +404,20 @@ class _Instruments:
         self.ab_regressions = meter.create_counter(
             "dmipro.ab.regressions", unit="{regression}", description="Regressions of deployed versions"
         )
+        self.queue_depth = meter.create_observable_gauge(
+            "dmipro.queue.depth",
+            callbacks=[_observe_queues],
+            unit="{task}",
+            description="Tasks waiting on dmipro's broker queues (Celery and RQ on Redis)",
+        )
+
+
+def _observe_queues(_options: Any) -> list[Any]:
+    from opentelemetry.metrics import Observation
+
+    from dmipro.subscribers._queues import queue_depths
+
+    return [Observation(depth, attrs) for attrs, depth in queue_depths()]
 
 
 class OtelLMListener(LMCallListener):

@@ -230,7 +230,11 @@ class Coordinator:
             demo_sets=None if self.plan.zeroshot else n_sets,
         )
         url = self.store.engine.url.render_as_string(hide_password=False)
-        return Study(f"dmipro:{self.job_id}", url, seed=self.seed, space=shape)
+        spec = self.runtime.spec
+        attrs: dict[str, Any] = {"job": self.job_id, "program": spec.program, "metric": spec.metric}
+        attrs["lm"] = spec.lm.model
+        attrs["settings"] = self.opt.model_dump(mode="json")  # what optuna-dashboard shows an operator
+        return Study(f"dmipro:{self.job_id}", url, seed=self.seed, space=shape, attrs=attrs)
 
     def _ask_first_batch(self, study: Study) -> None:
         """Ask the baseline and the first batch of trials now, while phases 1 and 2 run.
