@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from dmipro.errors import (
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """How one LM call ended."""
 
     OK = "ok"
@@ -144,7 +144,8 @@ def _canonical(exc: BaseException, model: str | None) -> BaseException:
     if isinstance(exc, lm15.LM15Error):
         from dspy.clients.errors import wrap_error
 
-        return wrap_error(exc, model=model or "")
+        wrapped: BaseException = wrap_error(exc, model=model or "")
+        return wrapped
     return exc
 
 

@@ -7,7 +7,8 @@ call, :meth:`RateLimiter.acquire` waits until
 1. no fleet-wide **cool-down** is running: a 429 with ``Retry-After`` pauses the key for
    every process, not only the one that saw it;
 2. the **circuit breaker** is closed: after ``breaker_failures`` transient failures in a
-   row (5xx, timeouts, refused connections; 429s are handled by 1 and 4) the key is held back for ``breaker_open_s`` (doubling while it keeps failing),
+   row (5xx, timeouts, refused connections; 429s are handled by 1 and 4) the key is held
+   back for ``breaker_open_s`` (doubling while it keeps failing),
    then one probe call goes through and its success closes it again;
 3. the declared **rpm/tpm** buckets have room (token buckets refilling at the declared
    rate, with a one-second burst, so any 60 s window stays under the limit);

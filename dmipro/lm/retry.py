@@ -170,7 +170,9 @@ class LMGuard:
             text = f"a prompt does not fit the context window of {self.model}{status}: {detail}"
         else:
             text = f"the provider refused a request to {self.model}{status}: {detail}"
-        explained = type(error)(text, retry_after=error.retry_after, status=error.status, provider=error.provider)
+        explained = type(error)(
+            text, retry_after=error.retry_after, status=error.status, provider=error.provider
+        )
         explained.__cause__ = error.__cause__
         return explained
 
@@ -179,7 +181,8 @@ class LMGuard:
         # concerns one request, not the key.
         if isinstance(error, (LMAuthError, LMQuotaError, LMModelNotFoundError)):
             with _latch_lock:
-                _latched[self.limiter.key] = (time.monotonic() + _LATCH_S, type(error), str(error), error.status)
+                until = time.monotonic() + _LATCH_S
+                _latched[self.limiter.key] = (until, type(error), str(error), error.status)
 
     def _refuse_if_latched(self, faults: FaultCounts) -> None:
         with _latch_lock:
@@ -203,7 +206,8 @@ def _estimate_tokens(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]
             chars += len(content)
         elif isinstance(content, list):
             chars += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
-    out = kwargs.get("max_tokens") or lm.kwargs.get("max_tokens") or lm.kwargs.get("max_completion_tokens") or 0
+    settings = {**lm.kwargs, **kwargs}
+    out = settings.get("max_tokens") or settings.get("max_completion_tokens") or 0
     return chars // 4 + int(out)
 
 
