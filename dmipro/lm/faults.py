@@ -236,6 +236,8 @@ class FaultCounts:
     circuit_opens: int = 0
     by_class: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
+    permanent: LMError | None = field(default=None, repr=False, compare=False)
+    """The first permanent error seen (in process only: not part of the JSON)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record_failure(self, error: LMError) -> None:
@@ -264,6 +266,8 @@ class FaultCounts:
         with self._lock:
             self.lm_errors += 1
             self.last_error = f"{type(error).__name__}: {error}"[:300]
+            if isinstance(error, PermanentLMError) and self.permanent is None:
+                self.permanent = error
 
     def add(self, other: FaultCounts) -> FaultCounts:
         """Add ``other`` into this one; returns self."""
