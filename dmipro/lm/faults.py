@@ -178,7 +178,8 @@ def to_lm_error(exc: BaseException, *, model: str | None = None) -> LMError | No
     code = getattr(exc, "provider_code", None)
     retry_after = getattr(exc, "retry_after", None)
     retry_after = float(retry_after) if isinstance(retry_after, (int, float)) and retry_after >= 0 else None
-    message = str(getattr(exc, "message", None) or exc) or type(exc).__name__
+    # The first line: lm15 appends a multi-line "To fix:" advice that does not fit a status line.
+    message = (str(getattr(exc, "message", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
     cls: type[LMError] | None = None
     if isinstance(exc, DSPyError):
         if code in _CODES:

@@ -44,6 +44,7 @@ __all__ = [
     "health",
     "limiter_for",
     "limiter_key",
+    "reset",
 ]
 
 log = logging.getLogger(__name__)
@@ -373,3 +374,14 @@ def health() -> dict[str, str]:
         if state:
             out[limiter.key] = state
     return out
+
+
+def reset() -> None:
+    """Forget this process's limiters and refused keys (tests; a worker starting afresh)."""
+    from dmipro.lm import retry
+
+    with _lock:
+        _limiters.clear()
+        _backends.clear()
+    with retry._latch_lock:
+        retry._latched.clear()
