@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dmipro.errors import DmiproError, OptimizationError
+from dmipro.errors import DmiproError, LMError, OptimizationError
 from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import bus, correlate
 from dmipro.executor_adapters.base import ExecutorAdapter
@@ -113,6 +113,8 @@ class Coordinator:
         self._budget = _Budget(self.opt.max_lm_calls, self.opt.max_cost_usd)
         # Every evaluation's LM errors, for max_errors over the whole search.
         self._lm_errors = FaultCounts()
+        # The LM error that failed a task (its counts died with the task).
+        self._fatal = FaultCounts()
 
     # -- helpers -------------------------------------------------------------------
     def _progress(self, phase: str, **data: Any) -> None:
@@ -130,9 +132,19 @@ class Coordinator:
         """The run's LM fault counts, and what holds this process's LM calls back right now."""
         from dmipro.lm.ratelimit import health
 
-        faults = FaultCounts()
-        for p in self.phases.values():
-            faults.add(p.faults)
+        faults = FaultCounts().add(self._fatal)
+        for name, p in self.phases.items():
+            if name != "search":
+                faults.add(p.faults)
+        # The evaluator's tally also holds evaluations that raised (and so never reached the
+        # search's stats); a resumed search's stats hold what earlier coordinators counted.
+        search = self.phases["search"].faults if "search" in self.phases else FaultCounts()
+        tally = self._lm_errors
+
+        def weight(f: FaultCounts) -> int:
+            return f.lm_errors + f.retries + f.rate_limited
+
+        faults.add(tally if weight(tally) >= weight(search) else search)
         return {**faults.summary(), "rate_limited": faults.rate_limited, "lm_health": health() or None}
 
     def _total_usage(self) -> Usage:
@@ -175,6 +187,9 @@ class Coordinator:
                 self._save(result)
             except BaseException as exc:
                 message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, LMError):
+                    self._fatal.record_failure(exc)
+                    self._fatal.record_gave_up(exc)
                 try:  # the counts say what the provider did before the job failed
                     self.store.set_progress(self.job_id, **self._fault_progress())
                 except Exception:
