@@ -21,7 +21,6 @@ from dmipro.errors import (
     LMTimeoutError,
     PermanentLMError,
     RateLimitError,
-    TransientLMError,
 )
 from dmipro.jobs.spec import LMConfig, RetryConfig
 from dmipro.lm import build_lm
@@ -39,7 +38,9 @@ def _response(status: int, body: dict[str, object] | None = None,
     return httpx.Response(status, json=body or {}, headers=headers or {}, request=request)
 
 
-def _litellm(name: str, status: int, code: str | None = None, headers: dict[str, str] | None = None) -> Exception:
+def _litellm(
+    name: str, status: int, code: str | None = None, headers: dict[str, str] | None = None
+) -> Exception:
     import litellm
 
     body = {"error": {"message": "x", "type": code or "error", "code": code}}
@@ -66,7 +67,8 @@ def _litellm(name: str, status: int, code: str | None = None, headers: dict[str,
         (dspy_errors.LMTimeoutError("late"), LMTimeoutError),
         (dspy_errors.LMTransportError("reset by peer"), LMConnectionError),
         (dspy_errors.LMAuthError("bad key", status=401), LMAuthError),
-        (dspy_errors.LMBillingError("no money", status=429, provider_code="insufficient_quota"), LMQuotaError),
+        (dspy_errors.LMBillingError("no money", status=429, provider_code="insufficient_quota"),
+         LMQuotaError),
         (dspy_errors.LMUnsupportedModelError("gpt-9", status=404), LMModelNotFoundError),
         (dspy_errors.ContextWindowExceededError(model="m"), LMContextLengthError),
         (dspy_errors.LMInvalidRequestError("bad", status=400), LMBadRequestError),
@@ -114,7 +116,9 @@ def test_errors_carry_status_provider_and_retry_after() -> None:
         ("APIConnectionError", 500, None, LMConnectionError),
     ],
 )
-def test_litellm_exceptions_map_to_one_class(name: str, status: int, code: str | None, expected: type) -> None:
+def test_litellm_exceptions_map_to_one_class(
+    name: str, status: int, code: str | None, expected: type
+) -> None:
     error = to_lm_error(_litellm(name, status, code), model="openai/gpt-4o-mini")
     assert type(error) is expected, (name, code, error)
 

@@ -24,7 +24,8 @@ def _spec(task_sim: dict[str, Any] | None = None, prompt_sim: dict[str, Any] | N
     spec = math_job(40, optimizer={"auto": "light", "seed": 9, **extra.pop("optimizer", {})})
     spec["lm"] = {"model": "sim/math", "temperature": 0.0, **({"sim": task_sim} if task_sim else {}),
                   **extra.pop("lm", {})}
-    spec["prompt_lm"] = {"model": "sim/math", "temperature": 1.0, **({"sim": prompt_sim} if prompt_sim else {})}
+    spec["prompt_lm"] = {"model": "sim/math", "temperature": 1.0,
+                         **({"sim": prompt_sim} if prompt_sim else {})}
     spec.update(extra)
     return spec
 
