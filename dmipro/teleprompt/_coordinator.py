@@ -145,7 +145,12 @@ class Coordinator:
             return f.lm_errors + f.retries + f.rate_limited
 
         faults.add(tally if weight(tally) >= weight(search) else search)
-        return {**faults.summary(), "rate_limited": faults.rate_limited, "lm_health": health() or None}
+        return {
+            **faults.summary(),
+            "rate_limited": faults.rate_limited,
+            "circuit_opens": faults.circuit_opens,
+            "lm_health": health() or None,
+        }
 
     def _total_usage(self) -> Usage:
         total = Usage()
