@@ -99,6 +99,9 @@ class LMError(DmiproError):
     argument but the message is keyword-only, so a worker's error rebuilds from its text.
     """
 
+    limits: dict[str, int] | None = None
+    """The provider's advertised limits (``rpm``, ``tpm``) from its ``x-ratelimit-limit-*`` headers."""
+
     def __init__(
         self,
         message: str,

@@ -204,7 +204,40 @@ def to_lm_error(exc: BaseException, *, model: str | None = None) -> LMError | No
         return None
     error = cls(message, retry_after=retry_after, status=status, provider=provider)
     error.__cause__ = exc
+    error.limits = _advertised_limits(exc)
     return error
+
+
+_LIMIT_HEADERS = {"x-ratelimit-limit-requests": "rpm", "x-ratelimit-limit-tokens": "tpm",
+                  "anthropic-ratelimit-requests-limit": "rpm", "anthropic-ratelimit-tokens-limit": "tpm"}
+
+
+def _advertised_limits(exc: BaseException) -> dict[str, int] | None:
+    """The per-minute limits a provider advertised on the failed response, if any.
+
+    Treated as hints: some providers send ``-1`` or ``0`` (Azure), which are ignored.
+    """
+    for link in _cause_chain(exc):
+        # lm15 keeps them as ``rate_limit_headers`` (values are tuples); litellm on the
+        # exception or its httpx response.
+        headers = (getattr(link, "rate_limit_headers", None) or getattr(link, "headers", None)
+                   or getattr(getattr(link, "response", None), "headers", None))
+        if not headers or not hasattr(headers, "items"):
+            continue
+        found: dict[str, int] = {}
+        for name, value in headers.items():
+            if isinstance(value, (tuple, list)):
+                value = value[0] if value else None
+            key = _LIMIT_HEADERS.get(str(name).lower())
+            try:
+                number = int(float(value))
+            except (TypeError, ValueError):
+                continue
+            if key and number > 0:
+                found[key] = number
+        if found:
+            return found
+    return None
 
 
 def classify(exc: BaseException | None) -> Outcome:

@@ -13,8 +13,9 @@ call, :meth:`RateLimiter.acquire` waits until
 3. the declared **rpm/tpm** buckets have room (token buckets refilling at the declared
    rate, with a one-second burst, so any 60 s window stays under the limit);
 4. with ``adaptive`` on and no ``rpm`` declared, this process has fewer calls in flight
-   than its **AIMD** cap: halved on each 429, grown by one per cap's worth of successes,
-   so a fleet with no declared limit settles just under the provider's.
+   than its **AIMD** cap: halved on each 429, grown by one per cap's worth of successes;
+   and when a 429 carries the provider's ``x-ratelimit-limit-*`` headers, that limit is
+   adopted as if it had been declared (:meth:`RateLimiter.discover`).
 
 Where state lives is the one thing backends differ in (the hooks ``_take`` and the
 cool-down pair): :class:`LocalBackend` keeps it in this process, under a lock;
@@ -198,6 +199,7 @@ class RateLimiter:
         self._inflight = 0
         self._cap = _AIMD_START
         self._last_decrease = 0.0
+        self.discovered = False
         self._breaker = _Breaker()
 
     def configure(self, *, rpm: int | None, tpm: int | None, adaptive: bool,
@@ -205,14 +207,27 @@ class RateLimiter:
         """Adopt a job's declared limits (the last job to declare one for this key wins)."""
         self.rpm, self.tpm, self.adaptive = rpm, tpm, adaptive
         self.breaker_failures, self.breaker_open_s = breaker_failures, breaker_open_s
+        self.discovered = False
+
+    def discover(self, limits: dict[str, int]) -> None:
+        """Adopt the limits a provider advertised on a 429 when the job declared none."""
+        if not self.adaptive or (self.rpm and not self.discovered):
+            return
+        rpm, tpm = limits.get("rpm"), limits.get("tpm")
+        if rpm and rpm != self.rpm:
+            log.info("%s: the provider advertises %d requests/min; the fleet keeps under it", self.key, rpm)
+            self.rpm, self.discovered = rpm, True
+        if tpm and not self.tpm:
+            self.tpm = tpm
 
     # -- before a call ----------------------------------------------------------------
     def acquire(self, tokens: int = 0, *, deadline: float | None = None) -> float:
-        """Wait until a call may go; returns the seconds waited.
+        """Wait until a call may go; returns the seconds it was held back (0.0 when it was not).
 
         Raises :class:`ProviderUnavailableError` when the monotonic ``deadline`` passes first.
         """
         start = time.monotonic()
+        held = 0.0  # only time spent held back counts, not the bookkeeping of a free pass
         probe = False
         while True:
             wait, probe = self._gate(probe)
@@ -220,9 +235,11 @@ class RateLimiter:
                 wait = self._buckets(tokens)
             if wait <= 0:
                 if self._admit():
-                    return time.monotonic() - start
+                    return held
+                t0 = time.monotonic()
                 with self._cond:  # at the AIMD cap: a release wakes us
                     self._cond.wait(timeout=_MAX_SLEEP_S)
+                held += time.monotonic() - t0
                 continue
             now = time.monotonic()
             if deadline is not None and now + min(wait, _MAX_SLEEP_S) > deadline:
@@ -231,6 +248,7 @@ class RateLimiter:
                     "the call's retry deadline passed"
                 )
             time.sleep(min(wait, _MAX_SLEEP_S))
+            held += time.monotonic() - now
 
     def _gate(self, probe: bool) -> tuple[float, bool]:
         """Seconds to wait for the cool-down or the open breaker (0: go on), and whether this

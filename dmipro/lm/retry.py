@@ -104,7 +104,7 @@ class LMGuard:
 
         def attempt() -> T:
             waited = self.limiter.acquire(tokens, deadline=deadline)
-            if waited > 0.001:
+            if waited > 0:
                 faults.record_wait(waited)
             try:
                 out = fn()
@@ -114,6 +114,8 @@ class LMGuard:
                     self.limiter.release(ok=True)
                     raise
                 faults.record_failure(error)
+                if isinstance(error, RateLimitError) and error.limits:
+                    self.limiter.discover(error.limits)
                 if self.limiter.release(
                     ok=False,
                     rate_limited=isinstance(error, RateLimitError),

@@ -175,3 +175,33 @@ def test_a_declared_limit_reaches_the_limiter() -> None:
     guard = lm._dmipro_guard
     assert (guard.limiter.rpm, guard.limiter.tpm) == (120, 10_000)
     assert guard.limiter.key == "sim:math:-"
+
+
+def test_an_undeclared_limit_is_discovered_from_the_providers_headers(
+    limited_server: SimHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dmipro.jobs.spec import LMConfig
+    from dmipro.lm import build_lm
+    from dmipro.lm.usage import metered
+
+    monkeypatch.setenv("SIM_KEY", "sk-test")
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    lm = build_lm(LMConfig(model="openai/sim-math", api_base=limited_server.url, api_key_env="SIM_KEY",
+                           cache=False))
+
+    def work(i: int) -> None:
+        for n in range(10):
+            with metered():
+                lm(f"thread {i} call {n}: what is 3 + {n}?")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    limiter = lm._dmipro_guard.limiter
+    assert (limiter.rpm, limiter.discovered) == (600, True)
+    stats = dict(limited_server.stats)
+    assert stats["200"] == 80
+    # after the first 429s told it the limit, the process keeps under it
+    assert stats.get("429", 0) < 0.4 * stats["total"], stats
