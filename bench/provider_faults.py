@@ -107,7 +107,8 @@ def _run(spec: dict[str, Any], backend: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--executors", default="thread,celery")
     parser.add_argument("--scenarios", default=None, help="comma-separated subset of the scenarios")
     parser.add_argument("--retry-after-s", type=float, default=0.05, help="Retry-After of injected 429s")
