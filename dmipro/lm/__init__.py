@@ -1,20 +1,30 @@
-"""LMs for jobs: ``dspy.LM`` from a job's LM config, the offline simulator, usage accounting."""
+"""LMs for jobs: ``dspy.LM`` from a job's LM config behind dmipro's LM boundary (error classes,
+retries, the fleet-wide rate limiter), the offline simulator, usage accounting."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from dmipro.lm.faults import FaultCounts, Outcome, classify, to_lm_error
+from dmipro.lm.ratelimit import RateLimiter
+from dmipro.lm.retry import GuardedLM
 from dmipro.lm.usage import ModelUsage, Usage, UsageMeter, metered, price_per_token
 
 __all__ = [
     "SIM_OPTIONS",
+    "FaultCounts",
+    "GuardedLM",
     "ModelUsage",
+    "Outcome",
+    "RateLimiter",
     "Usage",
     "UsageMeter",
     "build_lm",
+    "classify",
     "metered",
     "price_per_token",
+    "to_lm_error",
 ]
 
 

@@ -30,8 +30,9 @@ def _spec(task_sim: dict[str, Any] | None = None, prompt_sim: dict[str, Any] | N
     return spec
 
 
-def test_80_percent_429s_on_both_lms_give_the_clean_runs_best() -> None:
+def test_80_percent_429s_on_both_lms_give_the_clean_runs_best(recorded_events: list[Any]) -> None:
     clean = dmipro.optimize(_spec())
+    del recorded_events[:]
     faulty = dmipro.optimize(_spec(SIM_429, SIM_429))
     assert faulty.best_score == clean.best_score
     assert faulty.best_candidate == clean.best_candidate
@@ -45,6 +46,12 @@ def test_80_percent_429s_on_both_lms_give_the_clean_runs_best() -> None:
     status = dmipro.status(faulty.job_id)
     assert status["retries"] == summary["retries"] and status["lm_errors"] == 0
     assert status["rate_limited_wait_s"] == summary["rate_limited_wait_s"]
+    # and the events: the run's totals, and each evaluation's own
+    [complete] = [e for e in recorded_events if e.name == "dspy.optimization.complete"]
+    assert complete.data["retries"] == summary["retries"] and complete.data["lm_errors"] == 0
+    batches = [e for e in recorded_events if e.name == "dspy.evaluation.batch_complete"]
+    assert batches and all("rate_limited_wait_s" in e.data for e in batches)
+    assert sum(e.data["retries"] for e in batches) > 0
 
 
 def test_examples_whose_calls_failed_are_evaluated_again_not_scored() -> None:
