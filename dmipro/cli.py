@@ -312,6 +312,15 @@ def sim_serve(
     rate_limit_rate: Annotated[float, typer.Option(help="Fraction of calls answered 429.")] = 0.0,
     server_error_rate: Annotated[float, typer.Option(help="Fraction of calls answered 500.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
+    timeout_rate: Annotated[float, typer.Option(help="Fraction of calls answered 504 (a timeout).")] = 0.0,
+    timeout_s: Annotated[
+        float, typer.Option(help="Hang this long before a timeout's 504, so the client times out.")
+    ] = 0.0,
+    malformed_rate: Annotated[float, typer.Option(help="Fraction of unparseable replies.")] = 0.0,
+    retry_after_s: Annotated[float, typer.Option(help="Retry-After sent with injected 429s.")] = 1.0,
+    rpm: Annotated[int | None, typer.Option(help="Enforced requests per minute (429 past it).")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Enforced tokens per minute (429 past it).")] = None,
+    reject_key: Annotated[bool, typer.Option(help="Answer every completion 401 invalid_api_key.")] = False,
 ) -> None:
     """Serve the simulator as an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
     from dmipro.lm.server import run_server
@@ -325,6 +334,13 @@ def sim_serve(
         rate_limit_rate=rate_limit_rate,
         server_error_rate=server_error_rate,
         seed=seed,
+        timeout_rate=timeout_rate,
+        timeout_s=timeout_s,
+        malformed_rate=malformed_rate,
+        retry_after_s=retry_after_s,
+        rpm=rpm,
+        tpm=tpm,
+        reject_key=reject_key,
     )
 
 

@@ -8,8 +8,19 @@ into a one-line message on stderr and exit status 2.
     ├── JobSpecError           a job spec that cannot run (carries ``field``)
     │   ├── RefError           a ``module:attr`` reference that cannot be imported or is not allowed
     │   └── DatasetError       a dataset that cannot be loaded or does not fit the program
-    ├── LMError                an LM call that failed (carries ``retry_after``)
-    │   └── RateLimitError
+    ├── LMError                an LM call that failed (carries ``retry_after``, ``status``, ``provider``)
+    │   ├── TransientLMError   worth retrying: the provider may answer next time
+    │   │   ├── RateLimitError      429 (not a quota): slow down, honour ``retry_after``
+    │   │   ├── LMServerError       5xx
+    │   │   ├── LMTimeoutError      the request timed out
+    │   │   ├── LMConnectionError   connection refused or reset, DNS, TLS
+    │   │   └── ProviderUnavailableError  the circuit breaker is open for that provider
+    │   └── PermanentLMError   retrying cannot help: the job fails fast
+    │       ├── LMAuthError         401/403, missing or rejected API key
+    │       ├── LMQuotaError        billing or quota exhausted (OpenAI's 429 ``insufficient_quota``)
+    │       ├── LMModelNotFoundError  unknown model (404)
+    │       ├── LMContextLengthError  the prompt does not fit the model's context window
+    │       └── LMBadRequestError   the provider refused the request as malformed (400/422)
     ├── ExecutorError          a task could not be shipped or its result collected
     │   ├── TaskError          a task body raised (carries the remote error type)
     │   └── JobTimeoutError    waiting for a submitted job gave up
@@ -37,7 +48,17 @@ __all__ = [
     "JobNotFoundError",
     "JobTimeoutError",
     "JobSpecError",
+    "LMAuthError",
+    "LMBadRequestError",
+    "LMConnectionError",
+    "LMContextLengthError",
     "LMError",
+    "LMModelNotFoundError",
+    "LMQuotaError",
+    "LMServerError",
+    "LMTimeoutError",
+    "PermanentLMError",
+    "ProviderUnavailableError",
     "NotFoundError",
     "OptimizationError",
     "OptimizerArgumentError",
@@ -46,6 +67,7 @@ __all__ = [
     "RegistryError",
     "StorageError",
     "TaskError",
+    "TransientLMError",
 ]
 
 
@@ -74,15 +96,76 @@ class DatasetError(JobSpecError):
 
 
 class LMError(DmiproError):
-    """An LM call failed. ``retry_after`` is the server's hint in seconds, if any."""
+    """An LM call failed.
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    ``retry_after`` is the provider's hint in seconds, ``status`` the HTTP status and
+    ``provider`` the provider's name (``openai``, ``sim``), each when known. Every
+    argument but the message is keyword-only, so a worker's error rebuilds from its text.
+    """
+
+    limits: dict[str, int] | None = None
+    """The provider's advertised limits (``rpm``, ``tpm``) from its ``x-ratelimit-limit-*`` headers."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+        provider: str | None = None,
+    ) -> None:
         self.retry_after = retry_after
+        self.status = status
+        self.provider = provider
         super().__init__(message)
 
 
-class RateLimitError(LMError):
-    """The LM provider refused the call for rate limiting (HTTP 429)."""
+class TransientLMError(LMError):
+    """The provider may well answer the same call later: retried until the call's deadline."""
+
+
+class RateLimitError(TransientLMError):
+    """The LM provider refused the call for rate limiting (HTTP 429, not a quota)."""
+
+
+class LMServerError(TransientLMError):
+    """The provider failed while handling the call (HTTP 5xx)."""
+
+
+class LMTimeoutError(TransientLMError):
+    """The call timed out."""
+
+
+class LMConnectionError(TransientLMError):
+    """The call never reached the provider, or the connection broke (refused, reset, DNS, TLS)."""
+
+
+class ProviderUnavailableError(TransientLMError):
+    """The circuit breaker is open: the provider kept failing, calls wait instead of hammering it."""
+
+
+class PermanentLMError(LMError):
+    """Retrying cannot help (bad key, no quota, unknown model, bad request): the job fails fast."""
+
+
+class LMAuthError(PermanentLMError):
+    """The provider rejected the credentials (401/403), or no API key was found."""
+
+
+class LMQuotaError(PermanentLMError):
+    """Billing or quota is exhausted (OpenAI answers it as a 429 ``insufficient_quota``)."""
+
+
+class LMModelNotFoundError(PermanentLMError):
+    """The provider does not know the model (404), or does not serve it to this key."""
+
+
+class LMContextLengthError(PermanentLMError):
+    """The prompt does not fit the model's context window."""
+
+
+class LMBadRequestError(PermanentLMError):
+    """The provider refused the request itself (400/422, unsupported parameter or feature)."""
 
 
 class ExecutorError(DmiproError):

@@ -5,6 +5,13 @@ examples each); each chunk is one ``evaluate_chunk`` task. Scores are a percenta
 0-100, as DSPy's ``Evaluate`` reports them. With a score cache, examples already
 scored for the same candidate are not run again (MIPROv2's full evaluations reuse what
 its minibatches scored).
+
+An example whose LM call still failed after its retries is *errored*, not a wrong
+answer: it gets no score, is not cached, and is evaluated again in a later round (up to
+``error_rounds``), so an evaluation is complete before anyone reads its score. When it
+cannot be completed, or when the LM errors counted across the evaluator's life pass
+``max_errors``, the evaluation raises :class:`~dmipro.errors.EvaluationError` with the
+reason instead of returning a score computed on fewer examples.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dmipro.errors import EvaluationError
 from dmipro.events import bus
 from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.jobs.candidate import Candidate, fingerprint
+from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
 
 __all__ = [
@@ -50,6 +58,8 @@ class EvaluationResult:
     usage: Usage = field(default_factory=Usage)
     wall_s: float = 0.0
     cached: int = 0
+    faults: FaultCounts = field(default_factory=FaultCounts)
+    """LM failures, retries and rate-limit waits of this evaluation's calls."""
 
     @property
     def n(self) -> int:
@@ -67,6 +77,7 @@ class EvaluationResult:
             "cached": self.cached,
             "wall_s": round(self.wall_s, 3),
             "usage": self.usage.summary(),
+            **self.faults.summary(),
         }
 
 
@@ -133,7 +144,12 @@ class Evaluator:
         max_errors: int | None = None,
         chunk_size: int = 5,
         cache: ScoreCache | None = None,
+        error_rounds: int = 3,
+        lm_errors: FaultCounts | None = None,
     ) -> None:
+        """``max_errors`` caps the program errors of one evaluation and the LM errors counted
+        into ``lm_errors`` (shared by a job's evaluators, so the cap is the search's);
+        ``error_rounds`` is how many times an errored example is tried again."""
         self.job_id = job_id
         self.executor = executor
         self.split = split
@@ -142,6 +158,8 @@ class Evaluator:
         self.max_errors = max_errors
         self.chunk_size = chunk_size
         self.cache = cache
+        self.error_rounds = error_rounds
+        self.lm_errors = lm_errors if lm_errors is not None else FaultCounts()
 
     def __call__(
         self,
@@ -164,6 +182,53 @@ class Evaluator:
             trials=",".join(str(r.trial) for r in requests if r.trial is not None) or None,
         ):
             return self._evaluate_many(requests)
+
+    def _round(
+        self,
+        plans: list[Any],
+        todo: list[tuple[int, list[int]]],
+        usages: list[Usage],
+        faults: list[FaultCounts],
+    ) -> list[tuple[tuple[int, list[int]], str]]:
+        """Evaluate ``todo`` once; return, per plan, the ids whose LM calls still failed."""
+        total = sum(len(ids) for _, ids in todo)
+        chunk = chunk_size_for(total, self.executor.capacity, self.chunk_size)
+        payloads, owners = [], []
+        for k, ids in todo:
+            req = plans[k][0]
+            for lo in range(0, len(ids), chunk):
+                payloads.append(
+                    {
+                        "job": self.job_id,
+                        "split": self.split,
+                        "candidate": req.candidate,
+                        "example_ids": ids[lo : lo + chunk],
+                        "failure_score": self.failure_score,
+                        "trial": req.trial,
+                    }
+                )
+                owners.append(k)
+        errored: dict[int, list[int]] = {}
+        last: dict[int, str] = {}
+        for index, result in self.executor.map("evaluate_chunk", payloads):
+            k = owners[index]
+            usages[k].add(Usage.from_json(result["usage"]))
+            counts = FaultCounts.from_json(result.get("faults"))
+            faults[k].add(counts)
+            self.lm_errors.add(counts)
+            fresh = []
+            for row in result["results"]:
+                if row.get("lm_error"):
+                    errored.setdefault(k, []).append(int(row["id"]))
+                    last[k] = str(row.get("error") or "")
+                    continue
+                item = ExampleScore(int(row["id"]), float(row["score"]), row.get("error"))
+                plans[k][3][item.id] = item
+                if item.error is None:
+                    fresh.append((str(item.id), item.score, None))
+            if self.cache is not None and fresh:
+                self.cache.put(plans[k][2], fresh)
+        return [((k, sorted(ids)), last.get(k, "")) for k, ids in errored.items()]
 
     def _evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
         start = time.perf_counter()
@@ -190,51 +255,41 @@ class Evaluator:
                 cached=len(scores),
             )
 
-        todo = [(k, [i for i in ids if i not in scores]) for k, (_, ids, _, scores, _) in enumerate(plans)]
-        total = sum(len(ids) for _, ids in todo)
-        chunk = chunk_size_for(total, self.executor.capacity, self.chunk_size)
-        payloads, owners = [], []
-        for k, ids in todo:
-            req = plans[k][0]
-            for lo in range(0, len(ids), chunk):
-                payloads.append(
-                    {
-                        "job": self.job_id,
-                        "split": self.split,
-                        "candidate": req.candidate,
-                        "example_ids": ids[lo : lo + chunk],
-                        "failure_score": self.failure_score,
-                        "trial": req.trial,
-                    }
-                )
-                owners.append(k)
-
         usages = [Usage() for _ in plans]
-        errors = 0
-        for index, result in self.executor.map("evaluate_chunk", payloads):
-            k = owners[index]
-            usages[k].add(Usage.from_json(result["usage"]))
-            fresh = []
-            for row in result["results"]:
-                item = ExampleScore(int(row["id"]), float(row["score"]), row.get("error"))
-                plans[k][3][item.id] = item
-                errors += item.error is not None
-                if item.error is None:
-                    fresh.append((str(item.id), item.score, None))
-            if self.cache is not None and fresh:
-                self.cache.put(plans[k][2], fresh)
+        faults = [FaultCounts() for _ in plans]
+        todo = [(k, [i for i in ids if i not in scores]) for k, (_, ids, _, scores, _) in enumerate(plans)]
+        for round_ in range(self.error_rounds + 1):
+            errored = self._round(plans, todo, usages, faults)
+            errors = sum(1 for _, _, _, scores, _ in plans for r in scores.values() if r.error is not None)
             if self.max_errors is not None and errors >= self.max_errors:
+                last = next((r.error for _, _, _, sc, _ in plans for r in sc.values() if r.error), "")
                 raise EvaluationError(
                     f"evaluation stopped after {errors} failed examples (max_errors={self.max_errors}); "
-                    f"last error: {next((r.error for r in reversed(plans[k][3].values()) if r.error), '')}"
+                    f"last error: {last}"
                 )
+            if not errored:
+                break
+            n = sum(len(ids) for (_, ids), _ in errored)
+            last_error = next((msg for _, msg in errored if msg), "")
+            if self.max_errors is not None and self.lm_errors.lm_errors > self.max_errors:
+                raise EvaluationError(
+                    f"{self.lm_errors.lm_errors} LM calls failed after their retries, past max_errors="
+                    f"{self.max_errors}; last error: {last_error}"
+                )
+            if round_ == self.error_rounds:
+                raise EvaluationError(
+                    f"{n} examples still had no answer after {self.error_rounds + 1} rounds of retried LM "
+                    f"calls, so the evaluation is incomplete and no score was recorded; last error: "
+                    f"{last_error}"
+                )
+            todo = [pair for pair, _ in errored]
 
         wall = time.perf_counter() - start
         out = []
         for k, (req, ids, fp, scores, cached) in enumerate(plans):
             ordered = [scores[i] for i in ids]
             score = round(100.0 * sum(r.score for r in ordered) / len(ordered), 2) if ordered else 0.0
-            res = EvaluationResult(score, ordered, usages[k], wall, cached)
+            res = EvaluationResult(score, ordered, usages[k], wall, cached, faults[k])
             out.append(res)
             if cached == len(ids):
                 continue

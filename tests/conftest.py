@@ -45,6 +45,9 @@ def dmipro_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     reload_settings()
     yield home
     dmipro.config._settings = None
+    from dmipro.lm.ratelimit import reset
+
+    reset()  # a test's 429s must not slow the next test's LM calls down
 
 
 def free_port() -> int:

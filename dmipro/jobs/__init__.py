@@ -5,7 +5,15 @@ from __future__ import annotations
 from dmipro.jobs._load import Job, build_program, load_job, required_fields
 from dmipro.jobs.candidate import Candidate, apply_candidate, candidate_of, fingerprint
 from dmipro.jobs.runtime import JobRuntime, forget_runtime, get_runtime, register_runtime
-from dmipro.jobs.spec import ExecutorConfig, JobSpec, LMConfig, OptimizerConfig, RegisterConfig
+from dmipro.jobs.spec import (
+    ExecutorConfig,
+    JobSpec,
+    LMConfig,
+    OptimizerConfig,
+    RateLimitConfig,
+    RegisterConfig,
+    RetryConfig,
+)
 from dmipro.jobs.store import JobRecord, JobState, JobStore, new_job_id
 
 __all__ = [
@@ -19,7 +27,9 @@ __all__ = [
     "JobStore",
     "LMConfig",
     "OptimizerConfig",
+    "RateLimitConfig",
     "RegisterConfig",
+    "RetryConfig",
     "apply_candidate",
     "build_program",
     "candidate_of",

@@ -29,6 +29,7 @@ __all__ = [
     "get_runtime",
     "register_runtime",
     "settings_of",
+    "shared_limit_url",
 ]
 
 SPLITS = {"train": "trainset", "val": "valset", "test": "testset"}
@@ -124,8 +125,11 @@ class JobRuntime:
                 self.examples["train"][:cut],
                 self.examples["train"][cut:],
             )
-        self.task_lm = task_lm if task_lm is not None else build_lm(spec.lm)
-        self.prompt_lm = prompt_lm if prompt_lm is not None else build_lm(spec.effective_prompt_lm)
+        shared = shared_limit_url(spec)
+        self.task_lm = task_lm if task_lm is not None else build_lm(spec.lm, shared_url=shared)
+        self.prompt_lm = (
+            prompt_lm if prompt_lm is not None else build_lm(spec.effective_prompt_lm, shared_url=shared)
+        )
         self._lock = threading.Lock()
         self._programs: OrderedDict[str, Any] = OrderedDict()
 
@@ -187,6 +191,24 @@ class JobRuntime:
                 f"the job has no {name} split; add {SPLITS.get(name, name)}: to the job",
                 field=SPLITS.get(name),
             ) from None
+
+
+def shared_limit_url(spec: JobSpec) -> str | None:
+    """The Redis every worker of a remote job shares its rate limits through (None: this process only).
+
+    Workers of a Celery or RQ job already share a broker; its Redis (or the result
+    backend's, when the broker is not Redis) holds the limiter, so the fleet stays under
+    one limit together.
+    """
+    if spec.executor.backend not in ("celery", "rq"):
+        return None
+    from dmipro.config import get_settings
+
+    settings = get_settings()
+    for url in (settings.broker_url, settings.result_backend):
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            return url
+    return None
 
 
 MAX_RUNTIMES = 16

@@ -18,7 +18,9 @@ __all__ = [
     "JobSpec",
     "LMConfig",
     "OptimizerConfig",
+    "RateLimitConfig",
     "RegisterConfig",
+    "RetryConfig",
 ]
 
 DataSource = str | list[dict[str, Any]]
@@ -45,6 +47,43 @@ def _find_secret(value: Any, path: str = "") -> str | None:
     return None
 
 
+class RetryConfig(BaseModel):
+    """How a transient LM failure (429, 5xx, timeout, connection reset) is retried.
+
+    The provider's ``Retry-After`` is honoured when it gives one (capped at
+    ``max_retry_after_s``); otherwise the wait is exponential backoff with full jitter,
+    ``uniform(0, min(max_backoff_s, initial_backoff_s * 2**attempt))``. A call gives up
+    when its next wait would pass ``deadline_s`` or after ``max_attempts`` attempts.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deadline_s: float = Field(default=600.0, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
+    initial_backoff_s: float = Field(default=0.5, gt=0)
+    max_backoff_s: float = Field(default=30.0, gt=0)
+    max_retry_after_s: float = Field(default=120.0, gt=0)
+
+
+class RateLimitConfig(BaseModel):
+    """A provider limit every process of the fleet stays under together (per provider, model, key name).
+
+    ``rpm`` requests and ``tpm`` tokens per minute; ``None`` declares no limit, and the
+    fleet then adapts to the provider's 429s (shared cool-down, AIMD concurrency).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    adaptive: bool = True
+    """Pause the key fleet-wide on a 429 and halve concurrency (AIMD) when none is declared."""
+    breaker_failures: int = Field(default=20, ge=1)
+    """Consecutive transient failures that open the circuit breaker for the key."""
+    breaker_open_s: float = Field(default=10.0, gt=0)
+    """How long an open breaker holds calls back before one probe call is let through."""
+
+
 class LMConfig(BaseModel):
     """An LM: anything ``dspy.LM`` takes. Keys are named by ``api_key_env``, never written inline."""
 
@@ -59,6 +98,10 @@ class LMConfig(BaseModel):
     num_retries: int | None = None
     sim: dict[str, Any] | None = None
     """Simulator options (latency_ms, rate_limit_rate, ...); only for ``sim/*`` models."""
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    """dmipro's retries of transient failures (DSPy's own ``num_retries`` is turned off under it)."""
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    """The fleet-wide limit for this LM's provider, model and key name."""
 
     @model_validator(mode="after")
     def _no_inline_secrets(self) -> LMConfig:

@@ -215,9 +215,11 @@ def _revoke(job_id: str, executor: str) -> None:
 
 
 _STATUS_FROM_PROGRESS = ("trials_done", "trials_total", "best_score", "baseline_score", "lm_calls", "tokens",
-                         "cost_usd")
+                         "cost_usd", "lm_errors", "retries", "rate_limited", "rate_limited_wait_s",
+                         "circuit_opens", "lm_health")
 _STATUS_FROM_RESULT = ("best_score", "baseline_score", "lm_calls", "tokens", "cost_usd", "stop_reason",
-                       "program_path", "program_id", "registered", "wall_s")
+                       "program_path", "program_id", "registered", "wall_s", "lm_errors", "retries",
+                       "rate_limited", "rate_limited_wait_s")
 
 
 def status_of(record: JobRecord) -> dict[str, Any]:

@@ -1,20 +1,30 @@
-"""LMs for jobs: ``dspy.LM`` from a job's LM config, the offline simulator, usage accounting."""
+"""LMs for jobs: ``dspy.LM`` from a job's LM config behind dmipro's LM boundary (error classes,
+retries, the fleet-wide rate limiter), the offline simulator, usage accounting."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from dmipro.lm.faults import FaultCounts, Outcome, classify, to_lm_error
+from dmipro.lm.ratelimit import RateLimiter
+from dmipro.lm.retry import GuardedLM
 from dmipro.lm.usage import ModelUsage, Usage, UsageMeter, metered, price_per_token
 
 __all__ = [
     "SIM_OPTIONS",
+    "FaultCounts",
+    "GuardedLM",
     "ModelUsage",
+    "Outcome",
+    "RateLimiter",
     "Usage",
     "UsageMeter",
     "build_lm",
+    "classify",
     "metered",
     "price_per_token",
+    "to_lm_error",
 ]
 
 
@@ -26,24 +36,37 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def build_lm(config: Any) -> Any:
-    """A ``dspy.LM`` for an :class:`~dmipro.jobs.spec.LMConfig`.
+def build_lm(config: Any, *, shared_url: str | None = None) -> Any:
+    """A ``dspy.LM`` for an :class:`~dmipro.jobs.spec.LMConfig`, behind dmipro's LM boundary.
 
     ``sim/<task>`` models run on the in-process simulator; anything else goes to
     ``dspy.LM`` (litellm), with the API key read from the variable ``api_key_env``
-    names, so keys never sit in job payloads.
+    names, so keys never sit in job payloads. Calls go through the key's rate limiter
+    (shared through the Redis at ``shared_url`` when given) and dmipro's retries
+    (``config.retry``); DSPy's own ``num_retries`` is set to 0 so attempts are not
+    multiplied. A ``num_retries`` in the config caps dmipro's attempts instead.
     """
-    import dspy
+    from dmipro.lm.ratelimit import limiter_for, limiter_key
+    from dmipro.lm.retry import GuardedLM, LMGuard
 
     kwargs = {
         k: v
         for k, v in config.model_dump(exclude_none=True).items()
-        if k not in {"model", "sim", "api_key_env"}
+        if k not in {"model", "sim", "api_key_env", "retry", "rate_limit", "num_retries"}
     }
+    kwargs["num_retries"] = 0
+    retry = config.retry
+    if config.num_retries is not None and retry.max_attempts is None:
+        retry = retry.model_copy(update={"max_attempts": config.num_retries + 1})
     if config.is_sim:
         from dmipro.lm._sim import sim_lm
 
-        return sim_lm(config.model, **(config.sim or {}), **kwargs)
-    if config.api_key_env:
-        kwargs["api_key"] = os.environ[config.api_key_env]
-    return dspy.LM(config.model, **kwargs)
+        lm = sim_lm(config.model, lm_class=GuardedLM, **(config.sim or {}), **kwargs)
+    else:
+        if config.api_key_env:
+            kwargs["api_key"] = os.environ[config.api_key_env]
+        lm = GuardedLM(config.model, **kwargs)
+    key = limiter_key(config.model, config.api_key_env, config.api_base)
+    limiter = limiter_for(key, config.rate_limit, redis_url=shared_url)
+    lm._dmipro_guard = LMGuard(model=config.model, key_env=config.api_key_env, retry=retry, limiter=limiter)
+    return lm

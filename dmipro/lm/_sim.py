@@ -317,12 +317,12 @@ def _task_of(model: str) -> str:
     return task
 
 
-def sim_lm(model: str = "sim/math", **options: Any) -> dspy.LM:
+def sim_lm(model: str = "sim/math", *, lm_class: type[dspy.LM] = dspy.LM, **options: Any) -> dspy.LM:
     """A ``dspy.LM`` backed by :class:`SimEngine`; the task is the part after ``sim/``.
 
     Options in :data:`SIM_OPTIONS` configure the engine; the rest (``temperature``,
-    ``max_tokens``, ``num_retries``, ``cache``...) go to ``dspy.LM``. The response cache is
-    off unless ``cache=True`` is passed.
+    ``max_tokens``, ``num_retries``, ``cache``...) go to ``dspy.LM`` (or ``lm_class``, a
+    subclass of it). The response cache is off unless ``cache=True`` is passed.
     """
     engine_options = {k: v for k, v in options.items() if k in SIM_OPTIONS}
     lm_options = {k: v for k, v in options.items() if k not in SIM_OPTIONS}
@@ -331,4 +331,4 @@ def sim_lm(model: str = "sim/math", **options: Any) -> dspy.LM:
         raise ConfigError(f"model {model!r} names task {_task_of(model)!r} but task={task!r} was given")
     engine = SimEngine(task, **engine_options)
     lm_options.setdefault("cache", False)
-    return dspy.LM(model, engine=engine, async_engine=AsyncSimEngine(engine), **lm_options)
+    return lm_class(model, engine=engine, async_engine=AsyncSimEngine(engine), **lm_options)

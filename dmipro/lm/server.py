@@ -5,8 +5,20 @@ Endpoints:
 * ``POST /v1/chat/completions`` — model ``sim-math`` (or ``sim/math``) answers with the same
   text the in-process :class:`~dmipro.lm._sim.SimEngine` gives for the same messages and
   temperature. Injected failures answer 429 (with ``Retry-After`` and ``retry-after-ms``),
-  500 or 504. ``"stream": true`` is answered as server-sent events.
+  500 or 504 (after ``timeout_s`` seconds when set, so a client's own timeout fires
+  first, as with a provider that hangs). ``"stream": true`` is answered as server-sent events.
 * ``GET /v1/models`` — the simulated models.
+
+Like a real provider it can also enforce a limit and refuse keys:
+
+* ``rpm`` / ``tpm``: requests and tokens per minute for the whole server (token buckets
+  with a one-second burst). Over the limit it answers 429 ``rate_limit_exceeded`` with
+  ``Retry-After``, and every answer carries OpenAI's ``x-ratelimit-limit-*``,
+  ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` headers.
+* ``reject_key``: every completion is answered 401 ``invalid_api_key``, as OpenAI
+  answers a revoked key.
+
+``server.stats`` counts requests by status, for tests and benchmarks.
 
 Point any OpenAI client at it, e.g.
 ``dspy.LM("openai/sim-math", api_base="http://127.0.0.1:8000/v1", api_key="x")``.
@@ -45,13 +57,48 @@ class SimHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        options: dict[str, Any],
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        reject_key: bool = False,
+        timeout_s: float = 0.0,
+    ) -> None:
         unknown = set(options) - SIM_OPTIONS
         if unknown:
             raise ConfigError(f"unknown simulator options: {', '.join(sorted(unknown))}")
+        for name, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, not {value!r}")
+        if timeout_s < 0:
+            raise ConfigError(f"timeout_s must be >= 0, not {timeout_s!r}")
         self.options = {k: v for k, v in options.items() if k != "task"}
         self.engines = {task: SimEngine(task, **self.options) for task in TASKS}
+        self.reject_key = reject_key
+        self.timeout_s = float(timeout_s)
+        self.limits = {name: _Bucket(limit) for name, limit in (("requests", rpm), ("tokens", tpm)) if limit}
+        self.stats: dict[str, int] = {}
+        self._stats_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def count(self, status: int) -> None:
+        """Count one answered request under its status (``stats["total"]`` counts them all)."""
+        with self._stats_lock:
+            self.stats[str(status)] = self.stats.get(str(status), 0) + 1
+            self.stats["total"] = self.stats.get("total", 0) + 1
+
+    def admit(self, tokens: int) -> tuple[float, dict[str, str]]:
+        """Take one request and ``tokens`` from the limits: (seconds to wait, 0 if taken; headers)."""
+        headers: dict[str, str] = {}
+        wait = 0.0
+        for name, bucket in self.limits.items():
+            cost = 1.0 if name == "requests" else float(tokens)
+            wait = max(wait, bucket.take(cost) if wait == 0 else bucket.peek(cost))
+            headers.update(bucket.headers(name))
+        return wait, headers
 
     @property
     def url(self) -> str:
@@ -63,6 +110,48 @@ class SimHTTPServer(ThreadingHTTPServer):
         """The engine serving ``model`` (``sim-math``, ``sim/math``), or ``None``."""
         match = _MODEL.match(model)
         return self.engines.get(match.group(1)) if match else None
+
+
+class _Bucket:
+    """A per-minute limit as a token bucket holding one second's worth (thread-safe)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.limit = per_minute
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self.lock = threading.Lock()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, cost: float) -> float:
+        cost = min(cost, self.capacity)
+        with self.lock:
+            self._refill()
+            if self.tokens >= cost:
+                self.tokens -= cost
+                return 0.0
+            return (cost - self.tokens) / self.rate
+
+    def peek(self, cost: float) -> float:
+        with self.lock:
+            self._refill()
+            return max(0.0, (min(cost, self.capacity) - self.tokens) / self.rate)
+
+    def headers(self, name: str) -> dict[str, str]:
+        with self.lock:
+            # OpenAI reports the per-minute limit and the time until the bucket is full again.
+            remaining = int(self.tokens / self.capacity * self.limit)
+            reset = (self.capacity - self.tokens) / self.rate
+        return {
+            f"x-ratelimit-limit-{name}": str(self.limit),
+            f"x-ratelimit-remaining-{name}": str(max(0, remaining)),
+            f"x-ratelimit-reset-{name}": f"{max(reset, 0.001):.3f}s",
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -110,9 +199,23 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, TypeError) as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc), "invalid_request_error")
             return
+        if self.server.reject_key:
+            self._error(HTTPStatus.UNAUTHORIZED, "Incorrect API key provided. You can find your API key "
+                        "in your account settings.", "invalid_api_key", type_="invalid_request_error")
+            return
         engine = self.server.engine_for(model)
         if engine is None:
             self._error(HTTPStatus.NOT_FOUND, f"unknown model {model!r}; try sim-math", "model_not_found")
+            return
+        chars = len(system) + sum(len(text) for _, text in messages)
+        tokens = chars // 4 + int(body.get("max_tokens") or 0)
+        wait, limit_headers = self.server.admit(tokens)
+        if wait > 0:
+            headers = {"Retry-After": _seconds(max(wait, 0.001)),
+                       "retry-after-ms": str(max(1, int(wait * 1000))), **limit_headers}
+            self._error(HTTPStatus.TOO_MANY_REQUESTS,
+                        f"Rate limit reached for {model}. Please try again in {wait:.3f}s.",
+                        "rate_limit_exceeded", headers, type_="requests")
             return
         try:
             replies = [engine.respond(system, messages, temperature=temperature)
@@ -120,13 +223,16 @@ class _Handler(BaseHTTPRequestHandler):
         except RateLimitError as exc:
             seconds = exc.retry_after if exc.retry_after is not None else 1.0
             headers = {"Retry-After": _seconds(seconds), "retry-after-ms": str(int(seconds * 1000))}
-            self._error(HTTPStatus.TOO_MANY_REQUESTS, exc.message, "rate_limit_exceeded", headers)
+            self._error(HTTPStatus.TOO_MANY_REQUESTS, exc.message, "rate_limit_exceeded",
+                        {**headers, **limit_headers})
             return
         except ServerError as exc:
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, exc.message, "server_error")
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, exc.message, "server_error", limit_headers)
             return
         except LMTimeoutError as exc:
-            self._error(HTTPStatus.GATEWAY_TIMEOUT, exc.message, "timeout")
+            if self.server.timeout_s:
+                time.sleep(self.server.timeout_s)  # hang like a stuck provider; the client times out first
+            self._error(HTTPStatus.GATEWAY_TIMEOUT, exc.message, "timeout", limit_headers)
             return
         created = int(time.time())
         completion_id = f"chatcmpl-sim-{uuid.uuid4().hex[:16]}"
@@ -144,13 +250,14 @@ class _Handler(BaseHTTPRequestHandler):
             for i, r in enumerate(replies)
         ]
         self._json(HTTPStatus.OK, {"id": completion_id, "object": "chat.completion", "created": created,
-                                   "model": model, "choices": choices, "usage": usage})
+                                   "model": model, "choices": choices, "usage": usage}, limit_headers)
 
     # --- responses -----------------------------------------------------------------------
 
     def _json(self, status: HTTPStatus, payload: dict[str, Any],
               headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
+        self.server.count(int(status))
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -160,8 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, status: HTTPStatus, message: str, code: str,
-               headers: dict[str, str] | None = None) -> None:
-        error = {"message": message, "type": code, "code": code, "param": None}
+               headers: dict[str, str] | None = None, *, type_: str | None = None) -> None:
+        error = {"message": message, "type": type_ or code, "code": code, "param": None}
         self._json(status, {"error": error}, headers)
 
     def _stream(self, completion_id: str, created: int, model: str, text: str, usage: dict[str, int]) -> None:
@@ -172,6 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
             {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage},
         ]
         data = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks).encode() + b"data: [DONE]\n\n"
+        self.server.count(HTTPStatus.OK)
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Content-Length", str(len(data)))
@@ -210,13 +318,18 @@ def _split_messages(messages: Any) -> tuple[str, list[tuple[str, str]]]:
     return "\n\n".join(system), turns
 
 
+_SERVER_OPTIONS = ("rpm", "tpm", "reject_key", "timeout_s")
+
+
 def make_server(host: str = "127.0.0.1", port: int = 0, **options: Any) -> SimHTTPServer:
     """A bound, not yet serving, simulator server (``port=0`` picks a free port).
 
     ``options`` are :class:`~dmipro.lm._sim.SimEngine` options (seed, latency and failure
-    rates); call ``serve_forever()`` on the result, or use :func:`serve`.
+    rates) and the server's own ``rpm``, ``tpm``, ``reject_key`` and ``timeout_s``; call
+    ``serve_forever()`` on the result, or use :func:`serve`.
     """
-    return SimHTTPServer((host, port), options)
+    own = {k: options.pop(k) for k in _SERVER_OPTIONS if k in options}
+    return SimHTTPServer((host, port), options, **own)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:

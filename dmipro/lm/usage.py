@@ -19,6 +19,8 @@ from typing import Any
 
 from dspy.utils.usage_tracker import UsageTracker
 
+from dmipro.lm.faults import FaultCounts
+
 __all__ = ["ModelUsage", "Usage", "UsageMeter", "metered", "price_per_token"]
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -131,11 +133,15 @@ class Usage:
 
 
 class UsageMeter(UsageTracker):  # type: ignore[misc]
-    """DSPy usage tracker that also counts calls and prices them into a :class:`Usage`."""
+    """DSPy usage tracker that also counts calls and prices them into a :class:`Usage`.
+
+    ``faults`` counts the failures, retries and rate-limit waits of the same calls.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.usage = Usage()
+        self.faults = FaultCounts()
 
     def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
         super().add_usage(lm, usage_entry)

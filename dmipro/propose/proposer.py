@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from dmipro.errors import TaskError
+from dmipro.errors import TaskError, TransientLMError
 from dmipro.events import bus
 from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.jobs.runtime import JobRuntime
+from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
 from dmipro.propose.grounded import choose_tip, data_batches, module_string, program_code, task_demos_for
 from dmipro.seeding import rng_for
@@ -47,10 +48,14 @@ class GroundedProposer:
         self.opt = runtime.spec.optimizer
         self.seed = self.opt.seed
 
-    def _map(self, task: str, payloads: list[dict[str, Any]], stats: Usage) -> list[dict[str, Any]]:
+    def _map(
+        self, task: str, payloads: list[dict[str, Any]], stats: Usage, faults: FaultCounts | None = None
+    ) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = [{} for _ in payloads]
         for i, res in self.executor.map(task, payloads):
             stats.add(Usage.from_json(res.get("usage")))
+            if faults is not None:
+                faults.add(FaultCounts.from_json(res.get("faults")))
             results[i] = res
         return results
 
@@ -169,7 +174,7 @@ class GroundedProposer:
                         "temperature": opt.init_temperature,
                     }
                 )
-        results = self._map("propose_instruction", payloads, stats.prompt_lm)
+        results = self._map("propose_instruction", payloads, stats.prompt_lm, stats.faults)
         stats.depth = sum(1 for wave in (wave1, wave2, payloads) if wave)
         for res in sorted(results, key=lambda r: (self.predictors.index(r["predictor"]), r["index"])):
             instructions[res["predictor"]].append(res["instruction"])
@@ -192,10 +197,13 @@ class GroundedProposer:
         for (task, _), fut in zip(work, futures, strict=True):
             try:
                 res = fut.result()
-            except TaskError as exc:
+            except (TaskError, TransientLMError) as exc:
                 log.warning("%s failed, proposing without it: %s", task, exc)
+                if isinstance(exc, TransientLMError):  # counted: a failure nobody sees is worse
+                    stats.faults.record_gave_up(exc)
                 out.append({})
                 continue
             stats.prompt_lm.add(Usage.from_json(res.get("usage")))
+            stats.faults.add(FaultCounts.from_json(res.get("faults")))
             out.append(res)
         return out

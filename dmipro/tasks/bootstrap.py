@@ -99,5 +99,14 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
                 max_rounds=payload.get("max_rounds", 1),
                 max_errors=payload.get("max_errors"),
             ).compile(student, teacher=teacher, trainset=trainset)
+    if meter.faults.permanent is not None:
+        # BootstrapFewShot counts a failed example and goes on; a rejected key is no
+        # example's fault, and the job must stop on it.
+        raise meter.faults.permanent
     demos = {name: [demo_dict(d) for d in pred.demos] for name, pred in program.named_predictors()}
-    return {"index": payload["index"], "demos": demos, "usage": meter.usage.to_json()}
+    return {
+        "index": payload["index"],
+        "demos": demos,
+        "usage": meter.usage.to_json(),
+        "faults": meter.faults.to_json(),
+    }

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from dmipro.errors import TransientLMError
 from dmipro.events import correlate
 from dmipro.jobs.runtime import get_runtime
+from dmipro.lm.faults import to_lm_error
 from dmipro.lm.usage import metered
 from dmipro.tasks._registry import task
 
@@ -16,11 +18,21 @@ log = logging.getLogger(__name__)
 
 
 def score_example(runtime: Any, program: Any, example: Any, failure_score: float) -> tuple[float, str | None]:
-    """Run ``program`` on one example and score it; an exception scores ``failure_score``."""
+    """Run ``program`` on one example and score it.
+
+    An exception of the program or metric, or a reply the adapter could not parse, scores
+    ``failure_score`` (as DSPy's ``Evaluate`` does). An LM call that failed is no answer
+    at all: it raises, as a dmipro :class:`~dmipro.errors.LMError`.
+    """
     try:
         prediction = program(**example.inputs())
         return float(runtime.metric(example, prediction)), None
     except Exception as exc:
+        lm_error = to_lm_error(exc)
+        if lm_error is not None:
+            if lm_error is exc:
+                raise
+            raise lm_error from exc
         import dspy
 
         if dspy.settings.provide_traceback:  # as dspy.Evaluate(provide_traceback=True) reports it
@@ -32,7 +44,10 @@ def score_example(runtime: Any, program: Any, example: Any, failure_score: float
 def evaluate_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     """Payload: ``job``, ``split``, ``example_ids`` (indices), ``candidate`` (or null), ``failure_score``.
 
-    Returns ``{"results": [{"id", "score", "error"}], "usage": {...}}``.
+    Returns ``{"results": [{"id", "score", "error", "lm_error"}], "usage": {...}, "faults": {...}}``.
+    An example whose LM call still failed after retrying is ``lm_error: true`` with no
+    score: the caller evaluates it again later. A permanent LM error (bad key, no quota)
+    fails the task, and so the job.
     """
     runtime = get_runtime(payload["job"])
     examples = runtime.split(payload.get("split", "val"))
@@ -45,6 +60,11 @@ def evaluate_chunk(payload: dict[str, Any]) -> dict[str, Any]:
         runtime.context(lm=runtime.task_lm, trace=None),
     ):
         for idx in payload["example_ids"]:
-            score, error = score_example(runtime, program, examples[idx], failure)
+            try:
+                score, error = score_example(runtime, program, examples[idx], failure)
+            except TransientLMError as exc:
+                results.append({"id": idx, "score": None, "error": f"{type(exc).__name__}: {exc}"[:500],
+                                "lm_error": True})
+                continue
             results.append({"id": idx, "score": score, "error": error})
-    return {"results": results, "usage": meter.usage.to_json()}
+    return {"results": results, "usage": meter.usage.to_json(), "faults": meter.faults.to_json()}

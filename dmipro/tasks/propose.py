@@ -27,7 +27,7 @@ def _predict(
     lm = runtime.prompt_lm.copy(**overrides)
     with correlate(job_id=runtime.job_id), metered() as meter, runtime.context(lm=lm):
         prediction = dspy.Predict(signature)(**inputs)
-    return prediction, meter.usage.to_json()
+    return prediction, {"usage": meter.usage.to_json(), "faults": meter.faults.to_json()}
 
 
 @task("describe_data")
@@ -37,8 +37,8 @@ def describe_data(payload: dict[str, Any]) -> dict[str, Any]:
 
     runtime = get_runtime(payload["job"])
     batch = runtime.split("train")[payload["start"] : payload["stop"]]
-    pred, usage = _predict(runtime, DatasetDescriptor, None, 1.0, examples=render_examples(batch))
-    return {"observations": str(pred.observations), "usage": usage}
+    pred, meta = _predict(runtime, DatasetDescriptor, None, 1.0, examples=render_examples(batch))
+    return {"observations": str(pred.observations), **meta}
 
 
 @task("summarize_data")
@@ -48,8 +48,8 @@ def summarize_data(payload: dict[str, Any]) -> dict[str, Any]:
     from dspy.propose.utils import strip_prefix
 
     runtime = get_runtime(payload["job"])
-    pred, usage = _predict(runtime, ObservationSummarizer, None, 1.0, observations=payload["observations"])
-    return {"summary": str(strip_prefix(pred.summary)), "usage": usage}
+    pred, meta = _predict(runtime, ObservationSummarizer, None, 1.0, observations=payload["observations"])
+    return {"summary": str(strip_prefix(pred.summary)), **meta}
 
 
 @task("describe_program")
@@ -59,7 +59,7 @@ def describe_program(payload: dict[str, Any]) -> dict[str, Any]:
     from dspy.propose.utils import strip_prefix
 
     runtime = get_runtime(payload["job"])
-    pred, usage = _predict(
+    pred, meta = _predict(
         runtime,
         DescribeProgram,
         payload.get("seed"),
@@ -67,7 +67,7 @@ def describe_program(payload: dict[str, Any]) -> dict[str, Any]:
         program_code=payload["program_code"],
         program_example=payload["program_example"],
     )
-    return {"program_description": str(strip_prefix(pred.program_description)), "usage": usage}
+    return {"program_description": str(strip_prefix(pred.program_description)), **meta}
 
 
 @task("describe_module")
@@ -76,7 +76,7 @@ def describe_module(payload: dict[str, Any]) -> dict[str, Any]:
     from dspy.propose.grounded_proposer import DescribeModule
 
     runtime = get_runtime(payload["job"])
-    pred, usage = _predict(
+    pred, meta = _predict(
         runtime,
         DescribeModule,
         payload.get("seed"),
@@ -86,7 +86,7 @@ def describe_module(payload: dict[str, Any]) -> dict[str, Any]:
         program_description=payload["program_description"],
         module=payload["module"],
     )
-    return {"module_description": str(pred.module_description), "usage": usage}
+    return {"module_description": str(pred.module_description), **meta}
 
 
 @task("propose_instruction")
@@ -108,12 +108,12 @@ def propose_instruction(payload: dict[str, Any]) -> dict[str, Any]:
         use_instruct_history=False,
         use_tip="tip" in ctx,
     )
-    pred, usage = _predict(
+    pred, meta = _predict(
         runtime, predictor.signature, payload["seed"], payload.get("temperature", 1.0), **ctx
     )
     return {
         "predictor": payload["predictor"],
         "index": payload["index"],
         "instruction": str(strip_prefix(pred.proposed_instruction)),
-        "usage": usage,
+        **meta,
     }

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dmipro.db import database_gone
-from dmipro.errors import DmiproError, OptimizationError
+from dmipro.errors import DmiproError, LMError, OptimizationError
 from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import bus, correlate
 from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.jobs.candidate import Candidate, apply_candidate
 from dmipro.jobs.runtime import JobRuntime
 from dmipro.jobs.store import JobState, JobStore
+from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
 from dmipro.propose.proposer import GroundedProposer
 from dmipro.seeding import rng_for
@@ -111,11 +112,16 @@ class Coordinator:
         self.seed = self.opt.seed
         self.phases: dict[str, PhaseStats] = {}
         self._budget = _Budget(self.opt.max_lm_calls, self.opt.max_cost_usd)
+        # Every evaluation's LM errors, for max_errors over the whole search.
+        self._lm_errors = FaultCounts()
+        # The LM error that failed a task (its counts died with the task).
+        self._fatal = FaultCounts()
 
     # -- helpers -------------------------------------------------------------------
     def _progress(self, phase: str, **data: Any) -> None:
         usage = self._total_usage()
         data.update(lm_calls=usage.calls, tokens=usage.tokens, cost_usd=usage.cost_usd)
+        data.update(self._fault_progress())
         self.store.set_progress(self.job_id, phase=phase, **data)
         if self.on_progress is not None:
             try:
@@ -123,16 +129,44 @@ class Coordinator:
             except Exception:
                 log.exception("progress callback failed")
 
+    def _fault_progress(self) -> dict[str, Any]:
+        """The run's LM fault counts, and what holds this process's LM calls back right now."""
+        from dmipro.lm.ratelimit import health
+
+        faults = FaultCounts().add(self._fatal)
+        for name, p in self.phases.items():
+            if name != "search":
+                faults.add(p.faults)
+        # The evaluator's tally also holds evaluations that raised (and so never reached the
+        # search's stats); a resumed search's stats hold what earlier coordinators counted.
+        search = self.phases["search"].faults if "search" in self.phases else FaultCounts()
+        tally = self._lm_errors
+
+        def weight(f: FaultCounts) -> int:
+            return f.lm_errors + f.retries + f.rate_limited
+
+        faults.add(tally if weight(tally) >= weight(search) else search)
+        return {
+            **faults.summary(),
+            "rate_limited": faults.rate_limited,
+            "circuit_opens": faults.circuit_opens,
+            "lm_health": health() or None,
+        }
+
     def _total_usage(self) -> Usage:
         total = Usage()
         for p in self.phases.values():
             total.add(p.task_lm).add(p.prompt_lm)
         return total
 
-    def _map(self, task: str, payloads: list[dict[str, Any]], stats: Usage) -> list[dict[str, Any]]:
+    def _map(
+        self, task: str, payloads: list[dict[str, Any]], stats: Usage, faults: FaultCounts | None = None
+    ) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = [{} for _ in payloads]
         for i, res in self.executor.map(task, payloads):
             stats.add(Usage.from_json(res.get("usage")))
+            if faults is not None:
+                faults.add(FaultCounts.from_json(res.get("faults")))
             results[i] = res
         return results
 
@@ -161,6 +195,13 @@ class Coordinator:
                 if self.executor.remote and database_gone(exc):
                     raise  # not the job's failure: its worker resumes it when the database is back
                 message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, LMError):
+                    self._fatal.record_failure(exc)
+                    self._fatal.record_gave_up(exc)
+                try:  # the counts say what the provider did before the job failed
+                    self.store.set_progress(self.job_id, **self._fault_progress())
+                except Exception:
+                    log.exception("could not record the LM fault counts of failed job %s", self.job_id)
                 self.store.finish(self.job_id, JobState.FAILED, error=message)
                 bus.emit("dspy.optimization.error", error=message, error_type=type(exc).__name__)
                 raise
@@ -260,6 +301,8 @@ class Coordinator:
             size=len(self.runtime.split("val")),
             chunk_size=self.runtime.spec.executor.chunk_size,
             cache=StoreScoreCache(self.store, self.job_id, "val"),
+            max_errors=self.opt.max_errors,
+            lm_errors=self._lm_errors,
         )
 
     def _prefetch_baseline(self, program: Any) -> Future[EvaluationResult] | None:
@@ -330,7 +373,7 @@ class Coordinator:
             for p in plans
             if p.kind != "zeroshot"
         ]
-        for res in self._map("bootstrap_demo_set", payloads, stats.task_lm):
+        for res in self._map("bootstrap_demo_set", payloads, stats.task_lm, stats.faults):
             sets[int(res["index"])] = res["demos"]
             stats.depth = max(stats.depth, Usage.from_json(res.get("usage")).calls)
         demo_sets = {name: [sets[i][name] for i in range(len(plans))] for name in self.predictors}
@@ -356,6 +399,7 @@ class Coordinator:
         evaluator = self._evaluator()
         if prefetched is not None:
             stats.task_lm.add(prefetched.usage)
+            stats.faults.add(prefetched.faults)
         val_ids = list(plan.val_ids)
         stop_reason = "completed"
         eval_calls = eval_examples = 0
@@ -442,6 +486,7 @@ class Coordinator:
 
             for (key, params), res in zip(picks, results, strict=False):
                 stats.task_lm.add(res.usage)
+                stats.faults.add(res.faults)
                 study.add_full(params, res.score, batch)
                 bus.emit(
                     "dspy.optimization.trial_complete",
@@ -457,6 +502,7 @@ class Coordinator:
                         f"the program failed on every validation example; first error: {first_error}"
                     )
                 stats.task_lm.add(res.usage)
+                stats.faults.add(res.faults)
                 eval_calls += res.usage.calls
                 eval_examples += res.n - res.cached
                 study.tell(t.number, res.score)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmipro.jobs.candidate import Candidate
+from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
 
 __all__ = ["OptimizationResult", "PhaseStats"]
@@ -26,6 +27,8 @@ class PhaseStats:
     prompt_lm: Usage = field(default_factory=Usage)
     resumed: bool = False
     depth: int = 0
+    faults: FaultCounts = field(default_factory=FaultCounts)
+    """LM failures, retries and rate-limit waits of the phase's calls (both LMs)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -35,6 +38,7 @@ class PhaseStats:
             "resumed": self.resumed,
             "depth": self.depth,
             "usage": {"task_lm": self.task_lm.to_json(), "prompt_lm": self.prompt_lm.to_json()},
+            "faults": self.faults.to_json(),
         }
 
     @classmethod
@@ -45,6 +49,7 @@ class PhaseStats:
             prompt_lm=Usage.from_json(data.get("usage", {}).get("prompt_lm")),
             resumed=resumed,
             depth=int(data.get("depth", 0)),
+            faults=FaultCounts.from_json(data.get("faults")),
         )
 
 
@@ -74,6 +79,14 @@ class OptimizationResult:
     """Each logged trial's candidate, by trial number (kept in memory, not in the job row)."""
 
     @property
+    def faults(self) -> FaultCounts:
+        """LM failures, retries and rate-limit waits of the whole run."""
+        total = FaultCounts()
+        for phase in self.phases.values():
+            total.add(phase.faults)
+        return total
+
+    @property
     def usage(self) -> Usage:
         total = Usage()
         for phase in self.phases.values():
@@ -83,6 +96,7 @@ class OptimizationResult:
     def summary(self) -> dict[str, Any]:
         """The ``--json`` report."""
         usage = self.usage
+        faults = self.faults
         return {
             "job_id": self.job_id,
             "baseline_score": self.baseline_score,
@@ -93,6 +107,10 @@ class OptimizationResult:
             "cost_usd": usage.cost_usd,
             "wall_s": round(self.wall_s, 3),
             "stop_reason": self.stop_reason,
+            "lm_errors": faults.lm_errors,
+            "retries": faults.retries,
+            "rate_limited": faults.rate_limited,
+            "rate_limited_wait_s": round(faults.rate_limited_wait_s, 3),
             "program_path": self.program_path,
             "program_id": self.program_id,
             "registered": self.registered,

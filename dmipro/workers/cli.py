@@ -54,7 +54,12 @@ def _describe(report: dict[str, Any]) -> str:
         parts.append(f"best {report['best_score']:.2f}")
     if report.get("lm_calls") is not None:
         parts.append(f"{report['lm_calls']} LM calls, {report.get('tokens') or 0} tokens")
+    if report.get("retries") or report.get("lm_errors"):
+        parts.append(f"{report.get('retries') or 0} LM retries, {report.get('lm_errors') or 0} LM errors, "
+                     f"{report.get('rate_limited_wait_s') or 0:.1f}s waited on rate limits")
     line = ", ".join(parts)
+    for state in (report.get("lm_health") or {}).values():
+        line += f"\nprovider: {state}"
     if report.get("error"):
         line += f"\nerror: {report['error']}"
     return line
