@@ -7,16 +7,12 @@ printing by the libraries a command runs goes to stderr), and exits 2 with
 
 from __future__ import annotations
 
-import contextlib
-import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from dmipro._cli_util import cli_errors
+from dmipro._cli_util import cli_errors, json_stdout, write_json
 from dmipro.errors import ExperimentError
 
 __all__ = ["ab_app"]
@@ -29,21 +25,6 @@ ab_app = typer.Typer(
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
 ExpArg = Annotated[str, typer.Argument(help="Experiment name.", show_default=False)]
-
-
-@contextlib.contextmanager
-def _quiet_stdout(active: bool) -> Iterator[None]:
-    """With ``--json``, anything else printed (DSPy, litellm) goes to stderr, so stdout stays one document."""
-    if not active:
-        yield
-        return
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
-def _emit(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, default=str) + "\n")
-    sys.stdout.flush()
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -93,7 +74,7 @@ def create_command(
     exp = create(name, control=control, treatment=treatment, split=split, metric=metric, alpha=alpha,
                  mode=mode, mde=mde, baseline=baseline, power=power, max_units=max_units)
     if as_json:
-        _emit(exp.to_json())
+        write_json(exp.to_json())
     else:
         typer.echo(f"experiment {exp.name}: {exp.control.spec} (control) vs {exp.treatment.spec} "
                    f"(treatment, {exp.split:.0%} of units), {mode}")
@@ -107,7 +88,7 @@ def list_command(as_json: JsonFlag = False) -> None:
 
     exps = list_experiments()
     if as_json:
-        _emit([e.to_json() for e in exps])
+        write_json([e.to_json() for e in exps])
         return
     if not exps:
         typer.echo("no experiments")
@@ -124,7 +105,7 @@ def status_command(name: ExpArg, as_json: JsonFlag = False) -> None:
 
     result = get(name).analyze()
     if as_json:
-        _emit(result)
+        write_json(result)
     else:
         _print_analysis(result)
 
@@ -137,7 +118,7 @@ def stop_command(name: ExpArg, as_json: JsonFlag = False) -> None:
 
     result = get(name).stop()
     if as_json:
-        _emit(result)
+        write_json(result)
     else:
         _print_analysis(result)
 
@@ -154,7 +135,7 @@ def promote_command(
 
     result = get(name).promote(arm)
     if as_json:
-        _emit(result)
+        write_json(result)
     else:
         typer.echo(f"deployed {result['spec']} ({result['arm']})" +
                    ("" if result["deployed"] else "; it was deployed already"))
@@ -176,10 +157,10 @@ def offline_command(
     """Score two versions on the same examples and test the difference (McNemar / paired)."""
     from dmipro.ab.offline import compare
 
-    with _quiet_stdout(as_json):
+    with json_stdout(as_json):
         result = compare(a, b, job, split=split, executor=executor, concurrency=concurrency, alpha=alpha)
     if as_json:
-        _emit(result)
+        write_json(result)
         return
     typer.echo(f"{result['a']['version']}: {result['a']['score']:.2f}   {result['b']['version']}: "
                f"{result['b']['score']:.2f}   on {result['n']} {split} examples")
@@ -208,7 +189,7 @@ def plan_command(
     except ValueError as exc:
         raise ExperimentError(str(exc)) from exc
     if as_json:
-        _emit(result)
+        write_json(result)
         return
     labels = (("fixed", "fixed horizon (one look)"), ("sequential", "sequential (any number of looks)"))
     for key, label in labels:
@@ -229,7 +210,7 @@ def plot_command(
 
     info = plot_lift(get(name), out)
     if as_json:
-        _emit(info)
+        write_json(info)
     else:
         typer.echo(f"wrote {info['path']} ({info['units']} units, decision: {info['decision']})")
 
@@ -247,7 +228,7 @@ def monitor_command(
 
     result = monitor(name, reference=reference, window=window).check()
     if as_json:
-        _emit(result)
+        write_json(result)
         return
     typer.echo(f"{result['program']}@{result['version']}: reference {_fmt(result['reference']['mean'])} "
                f"(n={result['reference']['n']}), recent {_fmt(result['recent']['mean'])} "
