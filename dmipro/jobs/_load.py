@@ -146,6 +146,8 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
     metric = import_ref(spec.metric, field="metric")
     if not callable(metric):
         raise RefError(f"{spec.metric} is a {type(metric).__name__}, not a callable metric", field="metric")
+    if spec.optimizer.teacher is not None:  # every ref in a job is checked here, not first on a worker
+        build_program(spec.optimizer.teacher, field="optimizer.teacher")
     _check_lm(spec.lm, "lm")
     if spec.prompt_lm is not None:
         _check_lm(spec.prompt_lm, "prompt_lm")
