@@ -409,7 +409,7 @@ def test_the_register_block() -> None:
         ("tests.fixtures.programs:needs_an_argument", "must be callable with no arguments"),
         ("tests.fixtures.programs:raises", "raised RuntimeError: factory exploded"),
         ("tests.fixtures.programs:no_predictors", "no predictors"),
-        ("examples.math_qa.program:MathQA.__doc__", "expected a dspy.Module or a zero-argument factory"),
+        ("examples.math_qa.program:MathQA.__doc__", "names the private attribute"),
     ],
 )
 def test_program_refs_must_give_a_dspy_module(program: str, message: str) -> None:
