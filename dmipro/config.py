@@ -51,8 +51,14 @@ class Settings(BaseModel):
     storage: str = Field(default="db", description="DMIPRO_STORAGE: 'db' or a directory path")
     allow_sqlite_remote: bool = Field(default=False, description="DMIPRO_ALLOW_SQLITE_REMOTE")
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    allowed_key_envs: tuple[str, ...] = Field(
+        default=defaults.DEFAULT_ALLOWED_KEY_ENVS, description="DMIPRO_ALLOWED_KEY_ENVS"
+    )
+    """Variables a job may name as ``api_key_env`` (shell-style patterns); the rest are refused."""
+    allowed_api_hosts: tuple[str, ...] = Field(default=(), description="DMIPRO_ALLOWED_API_HOSTS")
+    """Hosts (``host`` or ``host:port``, ``*.domain`` patterns) a job run on workers may send LM calls to."""
 
-    @field_validator("allowed_modules", "subscribers", mode="before")
+    @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):

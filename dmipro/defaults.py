@@ -31,3 +31,6 @@ WORK_QUEUE = "dmipro.work"
 
 CONFIG_FILE = "dmipro.yaml"
 """Optional settings file looked up in the current directory."""
+
+DEFAULT_ALLOWED_KEY_ENVS = ("*_API_KEY",)
+"""Environment variables a job may name as its ``api_key_env`` unless the operator says otherwise."""

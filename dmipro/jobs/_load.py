@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from dmipro.errors import DatasetError, JobSpecError, RefError
 from dmipro.jobs._datasets import fingerprint_records, load_records
+from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.spec import JobSpec, LMConfig
 from dmipro.refs import ensure_importable, import_ref
 
@@ -112,6 +113,7 @@ def required_fields(program: Any) -> tuple[set[str], set[str]]:
 
 
 def _check_lm(cfg: LMConfig, field: str) -> None:
+    check_lm_policy(cfg, field, remote=False)
     if cfg.api_key_env and cfg.api_key_env not in os.environ:
         raise JobSpecError(
             f"api_key_env names {cfg.api_key_env}, which is not set in the environment; export it first",

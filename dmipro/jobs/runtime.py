@@ -36,12 +36,21 @@ class JobRuntime:
         metric: Any = None,
         task_lm: Any = None,
         prompt_lm: Any = None,
+        remote: bool = False,
     ) -> None:
-        """Build from the spec's references, or from objects given in-process (``MIPROv2.compile``)."""
+        """Build from the spec's references, or from objects given in-process (``MIPROv2.compile``).
+
+        ``remote``: the job came from the job database to a worker, so the worker's own rules
+        for key variables and endpoints apply (:mod:`dmipro.jobs._policy`).
+        """
         import dspy
 
+        from dmipro.jobs._policy import check_lm_policy
         from dmipro.lm import build_lm
 
+        # Before anything is imported or built: a refused job costs the worker nothing.
+        check_lm_policy(spec.lm, "lm", remote=remote)
+        check_lm_policy(spec.effective_prompt_lm, "prompt_lm" if spec.prompt_lm else "lm", remote=remote)
         self.job_id = job_id
         self.spec = spec
         self.in_process = program is not None or metric is not None
@@ -114,7 +123,7 @@ _lock = threading.Lock()
 _runtimes: OrderedDict[str, JobRuntime] = OrderedDict()
 
 
-def register_runtime(job_id: str, spec: JobSpec, **objects: Any) -> JobRuntime:
+def register_runtime(job_id: str, spec: JobSpec, *, remote: bool = False, **objects: Any) -> JobRuntime:
     """Build (or reuse) the runtime for ``job_id`` in this process; ``objects`` as for JobRuntime.
 
     A long-lived worker serves many jobs, so the cache is bounded: runtimes that can be
@@ -124,7 +133,7 @@ def register_runtime(job_id: str, spec: JobSpec, **objects: Any) -> JobRuntime:
     with _lock:
         runtime = _runtimes.get(job_id)
         if runtime is None or objects:
-            runtime = _runtimes[job_id] = JobRuntime(job_id, spec, **objects)
+            runtime = _runtimes[job_id] = JobRuntime(job_id, spec, remote=remote, **objects)
         _runtimes.move_to_end(job_id)
         rebuildable = [k for k, r in _runtimes.items() if not r.in_process]
         for key in rebuildable[: max(0, len(_runtimes) - MAX_RUNTIMES)]:
@@ -143,7 +152,7 @@ def get_runtime(job_id: str) -> JobRuntime:
     from dmipro.jobs.store import JobStore
 
     spec = JobSpec.model_validate(JobStore().get(job_id).spec)
-    return register_runtime(job_id, spec)
+    return register_runtime(job_id, spec, remote=True)
 
 
 def forget_runtime(job_id: str) -> None:

@@ -80,6 +80,11 @@ def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = No
                           f"{', '.join(REMOTE_EXECUTORS)}, not {executor!r} (run in-process with "
                           "dmipro optimize instead)")
     job = spec if isinstance(spec, Job) else load_job(spec)
+    from dmipro.jobs._policy import check_lm_policy
+
+    check_lm_policy(job.spec.lm, "lm", remote=True)  # workers apply the same rules with their settings
+    if job.spec.prompt_lm is not None:
+        check_lm_policy(job.spec.prompt_lm, "prompt_lm", remote=True)
     from dmipro.api import check_plan  # the run plan needs the teleprompt package, which imports jobs
 
     check_plan(job)  # sizes and settings MIPROv2 cannot run with fail here, not on a worker

@@ -9,6 +9,7 @@ from dmipro.lm.usage import ModelUsage, Usage, UsageMeter, metered, price_per_to
 
 __all__ = [
     "SIM_OPTIONS",
+    "NO_KEY",
     "ModelUsage",
     "Usage",
     "UsageMeter",
@@ -24,6 +25,10 @@ def __getattr__(name: str) -> Any:
 
         return SIM_OPTIONS
     raise AttributeError(name)
+
+
+NO_KEY = "dmipro-no-key"
+"""The key sent to a job's ``api_base`` when the job names no ``api_key_env``."""
 
 
 def build_lm(config: Any) -> Any:
@@ -46,4 +51,8 @@ def build_lm(config: Any) -> Any:
         return sim_lm(config.model, **(config.sim or {}), **kwargs)
     if config.api_key_env:
         kwargs["api_key"] = os.environ[config.api_key_env]
+    elif config.api_base:
+        # litellm would otherwise send the provider key from this process's environment
+        # (OPENAI_API_KEY, ...) to an endpoint the job chose.
+        kwargs["api_key"] = NO_KEY
     return dspy.LM(config.model, **kwargs)
