@@ -57,8 +57,11 @@ class Settings(BaseModel):
     """Variables a job may name as ``api_key_env`` (shell-style patterns); the rest are refused."""
     allowed_api_hosts: tuple[str, ...] = Field(default=(), description="DMIPRO_ALLOWED_API_HOSTS")
     """Hosts (``host`` or ``host:port``, ``*.domain`` patterns) a job run on workers may send LM calls to."""
+    data_roots: tuple[Path, ...] = Field(default=(), description="DMIPRO_DATA_ROOTS")
+    """Directories beyond the job file's own that dataset paths may point into."""
 
-    @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", mode="before")
+    @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots",
+                     mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -34,3 +34,10 @@ CONFIG_FILE = "dmipro.yaml"
 
 DEFAULT_ALLOWED_KEY_ENVS = ("*_API_KEY",)
 """Environment variables a job may name as its ``api_key_env`` unless the operator says otherwise."""
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+"""Job names, job ids and program names: a letter or digit, then up to 127 letters, digits, ``_``, ``.``
+or ``-``. No ``/``, no leading ``.``: every file name derived from one stays in its directory."""
+
+MAX_JOB_ID = 64
+"""Longest job id (the job table's key column)."""

@@ -13,6 +13,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dmipro import defaults
+
 __all__ = [
     "DataSource",
     "ExecutorConfig",
@@ -181,7 +183,7 @@ class RegisterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128, pattern=f"^{defaults.NAME_PATTERN}$")
     deploy: bool | None = False
 
 
@@ -190,7 +192,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(min_length=1, max_length=128, pattern=f"^{defaults.NAME_PATTERN}$")
     program: str
     metric: str
     trainset: DataSource

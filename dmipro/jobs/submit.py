@@ -27,7 +27,7 @@ from dmipro.errors import (
     StorageError,
 )
 from dmipro.jobs._load import Job, build_program, load_job
-from dmipro.jobs.store import JobRecord, JobState, JobStore
+from dmipro.jobs.store import JobRecord, JobState, JobStore, check_job_id
 
 __all__ = [
     "REMOTE_EXECUTORS",
@@ -79,6 +79,8 @@ def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = No
         raise ConfigError(f"submit sends jobs to workers: executor must be one of "
                           f"{', '.join(REMOTE_EXECUTORS)}, not {executor!r} (run in-process with "
                           "dmipro optimize instead)")
+    if job_id is not None:
+        check_job_id(job_id)
     job = spec if isinstance(spec, Job) else load_job(spec)
     from dmipro.jobs._policy import check_lm_policy
 

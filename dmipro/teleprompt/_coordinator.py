@@ -513,9 +513,13 @@ class Coordinator:
         """Write the best program as DSPy's own ``program.save()`` JSON."""
         from dmipro.config import get_settings
 
-        path = (self.program_path or get_settings().home / "programs" / f"{self.job_id}.json").resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        result.program.save(str(path))
+        from dmipro.storage.directory import save_program_file
+
+        if self.program_path is not None:  # the caller's own choice of file (--out)
+            path = save_program_file(result.program, self.program_path)
+        else:
+            path = save_program_file(result.program, Path("programs", f"{self.job_id}.json"),
+                                     root=get_settings().home)
         result.program_path = str(path)
         if self.runtime.spec.registration is not None and not self.runtime.in_process:
             result.registered = self._register(result)
