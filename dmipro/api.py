@@ -13,8 +13,8 @@ from dmipro.errors import JobSpecError
 from dmipro.evaluation import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
 from dmipro.jobs import Job, JobStore, forget_runtime, load_job, new_job_id, register_runtime
-from dmipro.jobs.store import check_job_id
 from dmipro.jobs.candidate import Candidate
+from dmipro.jobs.store import check_job_id
 from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
 from dmipro.teleprompt.result import OptimizationResult
 

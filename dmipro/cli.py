@@ -322,10 +322,10 @@ _mount()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a DmiproError exits 2 with a one-line reason."""
-    from dmipro.refs import ensure_importable
+    from dmipro.refs import ensure_importable, trusted_code_paths
 
-    ensure_importable([Path.cwd()])
     try:
+        ensure_importable(trusted_code_paths())
         app(args=argv, standalone_mode=True)
     except DmiproError as exc:
         message = " ".join(str(exc).split())

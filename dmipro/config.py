@@ -59,8 +59,10 @@ class Settings(BaseModel):
     """Hosts (``host`` or ``host:port``, ``*.domain`` patterns) a job run on workers may send LM calls to."""
     data_roots: tuple[Path, ...] = Field(default=(), description="DMIPRO_DATA_ROOTS")
     """Directories beyond the job file's own that dataset paths may point into."""
+    code_paths: tuple[Path, ...] = Field(default=(), description="DMIPRO_CODE_PATHS")
+    """Directories (besides installed packages and the current directory) programs are imported from."""
 
-    @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots",
+    @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots", "code_paths",
                      mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:

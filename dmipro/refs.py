@@ -18,8 +18,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-import types
 import sys
+import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,15 @@ from typing import Any
 from dmipro.config import get_settings
 from dmipro.errors import RefError
 
-__all__ = ["check_allowed", "ensure_importable", "import_ref", "is_ref", "parse_ref", "ref_of"]
+__all__ = [
+    "check_allowed",
+    "ensure_importable",
+    "import_ref",
+    "is_ref",
+    "parse_ref",
+    "ref_of",
+    "trusted_code_paths",
+]
 
 _REF = re.compile(
     r"^(?P<module>[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*):(?P<attr>[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)$"
@@ -129,12 +137,23 @@ def ref_of(obj: Any, *, field: str | None = None) -> str:
     return f"{module}:{qualname}"
 
 
-def ensure_importable(paths: Sequence[Path | str]) -> None:
-    """Put ``paths`` (a job file's directory, the current directory) at the front of ``sys.path``.
+def trusted_code_paths() -> list[Path]:
+    """Directories references may be imported from besides installed packages.
 
-    They stay for the life of the process: references are resolved lazily (a metric may
-    import helpers when first called), so removing them again would break later imports.
+    The current directory (where the operator started the worker or the CLI) and the
+    directories in ``DMIPRO_CODE_PATHS`` — never a job file's own directory, which may be a
+    bundle someone handed over, holding its own ``examples/`` to shadow the real one.
     """
-    for p in reversed([str(Path(p).resolve()) for p in paths]):
+    return [Path.cwd(), *get_settings().code_paths]
+
+
+def ensure_importable(paths: Sequence[Path | str]) -> None:
+    """Put ``paths`` at the *end* of ``sys.path``, after the standard library and installed packages.
+
+    At the end, so a directory can add modules but never shadow an installed package. They
+    stay for the life of the process: references are resolved lazily (a metric may import
+    helpers when first called), so removing them again would break later imports.
+    """
+    for p in [str(Path(p).resolve()) for p in paths]:
         if p not in sys.path:
-            sys.path.insert(0, p)
+            sys.path.append(p)

@@ -15,7 +15,7 @@ from dmipro.errors import DatasetError, JobSpecError, RefError
 from dmipro.jobs._datasets import fingerprint_records, load_records
 from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.spec import JobSpec, LMConfig
-from dmipro.refs import ensure_importable, import_ref
+from dmipro.refs import ensure_importable, import_ref, trusted_code_paths
 
 __all__ = ["Job", "build_program", "load_job", "parse_spec", "required_fields"]
 
@@ -143,7 +143,7 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _spec_error(exc) from None
-    ensure_importable([base, Path.cwd()])
+    ensure_importable(trusted_code_paths())  # never ``base``: a job bundle must not shadow real code
     program = build_program(spec.program)
     metric = import_ref(spec.metric, field="metric")
     if not callable(metric):

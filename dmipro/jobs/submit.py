@@ -233,7 +233,7 @@ class JobHandle:
     def result(self) -> Any:
         """The optimized program: a fresh program from the job's ref, loaded from the saved DSPy JSON."""
         from dmipro.jobs.spec import JobSpec
-        from dmipro.refs import ensure_importable
+        from dmipro.refs import ensure_importable, trusted_code_paths
 
         record = self.record
         if record.state is not JobState.SUCCEEDED:
@@ -247,7 +247,7 @@ class JobHandle:
             raise StorageError(f"the program of job {self.job_id} was saved at {path}, which is not on this "
                                "machine; give workers and clients a shared DMIPRO_HOME, or load it from the "
                                "registry")
-        ensure_importable([Path.cwd()])
+        ensure_importable(trusted_code_paths())
         spec = JobSpec.model_validate(record.spec)
         program = build_program(spec.program)
         try:

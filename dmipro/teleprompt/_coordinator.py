@@ -512,7 +512,6 @@ class Coordinator:
     def _save(self, result: OptimizationResult) -> None:
         """Write the best program as DSPy's own ``program.save()`` JSON."""
         from dmipro.config import get_settings
-
         from dmipro.storage.directory import save_program_file
 
         if self.program_path is not None:  # the caller's own choice of file (--out)

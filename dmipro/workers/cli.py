@@ -69,12 +69,12 @@ def worker_celery(
     hostname: Annotated[str | None, typer.Option(help="Worker name (default: celery@<host>).")] = None,
 ) -> None:
     """Run a Celery worker on the dmipro queues (broker: DMIPRO_BROKER_URL)."""
-    from dmipro.refs import ensure_importable
+    from dmipro.refs import ensure_importable, trusted_code_paths
     from dmipro.workers.celery_app import get_app
 
     # Per-process setup (observability included) runs in the processes that execute tasks:
     # worker_process_init for prefork children, worker_init for the thread pool.
-    ensure_importable([Path.cwd()])
+    ensure_importable(trusted_code_paths())
     argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}",
             f"--loglevel={loglevel}", "--task-events"]
     if hostname:

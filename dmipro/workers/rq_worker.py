@@ -251,15 +251,14 @@ def run_worker(queues: Sequence[str], *, burst: bool = False, workers: int = 1, 
         setup_worker_process(loglevel=loglevel)
         make_worker(queues, name=name).work(burst=burst, logging_level=loglevel.upper())
         return
-    from pathlib import Path
 
     from rq.worker_pool import WorkerPool
 
-    from dmipro.refs import ensure_importable
+    from dmipro.refs import ensure_importable, trusted_code_paths
 
     # Each pool process sets itself up when it runs its first task (after the fork, so that
     # telemetry threads start in the process that uses them).
-    ensure_importable([Path.cwd()])
+    ensure_importable(trusted_code_paths())
 
     pool = WorkerPool(queues, connection=redis_connection(), num_workers=workers, worker_class=DmiproWorker,
                       serializer=JSONSerializer)
