@@ -41,3 +41,9 @@ or ``-``. No ``/``, no leading ``.``: every file name derived from one stays in 
 
 MAX_JOB_ID = 64
 """Longest job id (the job table's key column)."""
+
+HEARTBEAT_S = 10.0
+"""How often a coordinator running on a worker marks its job row as alive."""
+
+STALE_AFTER_S = 60.0
+"""A running job whose coordinator has not marked it alive for this long is reported ``stale``."""

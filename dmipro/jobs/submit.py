@@ -181,6 +181,12 @@ def status_of(record: JobRecord) -> dict[str, Any]:
     if result:
         report.update({key: result.get(key) for key in _STATUS_FROM_RESULT})
         report["trials_done"] = result.get("trials", report["trials_done"])
+    if record.state is JobState.RUNNING and record.executor in REMOTE_EXECUTORS:
+        # A coordinator on a worker marks the row alive every few seconds; a silent one died.
+        age = max(0.0, time.time() - record.updated_at)
+        report["heartbeat_age_s"] = round(age, 1)
+        if age > _stale_after():
+            report["state"] = "stale"
     report.update(
         attempts=record.attempts,
         cancel_requested=record.cancel_requested,
@@ -191,6 +197,18 @@ def status_of(record: JobRecord) -> dict[str, Any]:
         error=record.error,
     )
     return report
+
+
+def _stale_after() -> float:
+    import os
+
+    from dmipro.defaults import STALE_AFTER_S
+
+    try:
+        return float(os.environ.get("DMIPRO_STALE_AFTER") or STALE_AFTER_S)
+    except ValueError:
+        raise ConfigError(f"DMIPRO_STALE_AFTER={os.environ['DMIPRO_STALE_AFTER']!r} is not a number of "
+                          "seconds") from None
 
 
 class JobHandle:
@@ -262,6 +280,11 @@ class JobHandle:
         a running one stops at the next batch of trials. Returns the status."""
         before = self.record
         after = self._store.request_cancel(self.job_id)
+        if status_of(before)["state"] == "stale":  # no coordinator left to see the flag
+            age = status_of(before).get("heartbeat_age_s")
+            self._store.finish(self.job_id, JobState.CANCELLED,
+                               error=f"cancelled; its coordinator had stopped (no heartbeat for {age}s)")
+            after = self.record
         if before.state is JobState.QUEUED:
             try:
                 _revoke(self.job_id, before.executor)

@@ -43,7 +43,7 @@ def build_lm(config: Any) -> Any:
     kwargs = {
         k: v
         for k, v in config.model_dump(exclude_none=True).items()
-        if k not in {"model", "sim", "api_key_env"}
+        if k not in {"model", "sim", "api_key_env", "retry", "rate_limit"}
     }
     if config.is_sim:
         from dmipro.lm._sim import sim_lm

@@ -138,11 +138,24 @@ class Coordinator:
     def _cancelled(self) -> bool:
         return self.store.cancel_requested(self.job_id)
 
+    def _watch(self) -> None:
+        """Give a remote executor the job's task deadlines and its cancel flag (see ``RemoteExecutor.watch``)."""
+        watch = getattr(self.executor, "watch", None)
+        if watch is None:
+            return
+        from dmipro.jobs._limits import task_deadlines
+
+        program = self.runtime.fresh_program()
+        watch(deadlines=task_deadlines(self.runtime.spec, predictors=len(program.named_predictors()),
+                                       train_size=len(self.runtime.examples.get("train", []))),
+              cancelled=self._cancelled)
+
     # -- the run -------------------------------------------------------------------
     def run(self) -> OptimizationResult:
         """Run (or resume) the job to the end; the job row says how it ended."""
         start = time.perf_counter()
         self.store.start(self.job_id, self.executor.name)
+        self._watch()
         with (
             correlate(job_id=self.job_id),
             span("dmipro.optimize", job_id=self.job_id, executor=self.executor.name, optimizer="MIPROv2"),
@@ -158,7 +171,8 @@ class Coordinator:
                 self._save(result)
             except BaseException as exc:
                 message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
-                self.store.finish(self.job_id, JobState.FAILED, error=message)
+                ended = JobState.CANCELLED if self._cancelled() else JobState.FAILED
+                self.store.finish(self.job_id, ended, error=message)
                 bus.emit("dspy.optimization.error", error=message, error_type=type(exc).__name__)
                 raise
             state = JobState.CANCELLED if result.stop_reason == "cancelled" else JobState.SUCCEEDED

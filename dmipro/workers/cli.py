@@ -44,6 +44,8 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
 
 def _describe(report: dict[str, Any]) -> str:
     parts = [f"{report['job_id']}: {report['state']}"]
+    if report.get("state") == "stale":
+        parts.append(f"no coordinator heartbeat for {report.get('heartbeat_age_s')}s")
     if report.get("phase"):
         parts.append(f"phase {report['phase']}")
     if report.get("trials_total"):
