@@ -59,6 +59,15 @@ class Settings(BaseModel):
     """Hosts (``host`` or ``host:port``, ``*.domain`` patterns) a job run on workers may send LM calls to."""
     data_roots: tuple[Path, ...] = Field(default=(), description="DMIPRO_DATA_ROOTS")
     """Directories beyond the job file's own that dataset paths may point into."""
+    max_trials: int = Field(default=defaults.MAX_TRIALS, ge=1, description="DMIPRO_MAX_TRIALS")
+    """Most search trials a job may ask for (``num_trials``)."""
+    max_candidates: int = Field(default=defaults.MAX_CANDIDATES, ge=1, description="DMIPRO_MAX_CANDIDATES")
+    """Most instruction and demo-set candidates per predictor a job may ask for (``num_candidates``)."""
+    max_dataset_rows: int = Field(default=defaults.MAX_DATASET_ROWS, ge=1, description="DMIPRO_MAX_DATASET_ROWS")
+    """Most examples in one split of a job."""
+    max_payload_bytes: int = Field(default=defaults.MAX_PAYLOAD_BYTES, ge=1024,
+                                   description="DMIPRO_MAX_PAYLOAD_BYTES")
+    """Largest job (spec with its datasets, as JSON) stored and sent to workers."""
     code_paths: tuple[Path, ...] = Field(default=(), description="DMIPRO_CODE_PATHS")
     """Directories (besides installed packages and the current directory) programs are imported from."""
 

@@ -47,3 +47,15 @@ HEARTBEAT_S = 10.0
 
 STALE_AFTER_S = 60.0
 """A running job whose coordinator has not marked it alive for this long is reported ``stale``."""
+
+MAX_TRIALS = 2000
+"""Default cap on a job's ``num_trials`` (``auto: heavy`` asks for far fewer)."""
+
+MAX_CANDIDATES = 200
+"""Default cap on a job's ``num_candidates``."""
+
+MAX_DATASET_ROWS = 100_000
+"""Default cap on the examples in one split."""
+
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+"""Default cap on a job's size as JSON (its spec with the datasets inline): 64 MiB."""

@@ -10,9 +10,12 @@ pool allows.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-__all__ = ["DEFAULT_LM_DEADLINE_S", "lm_deadline_s", "task_deadlines"]
+from dmipro.errors import JobSpecError
+
+__all__ = ["DEFAULT_LM_DEADLINE_S", "check_caps", "lm_deadline_s", "task_deadlines"]
 
 DEFAULT_LM_DEADLINE_S = 600.0
 """An LM call's deadline, retries included, when the job's LM config does not set one."""
@@ -45,3 +48,32 @@ def task_deadlines(spec: Any, *, predictors: int, train_size: int) -> dict[str, 
         "bootstrap_demo_set": per_example * max(1, train_size) * spec.optimizer.max_rounds,
         "*": max(prompt * 4, per_example * spec.executor.chunk_size),
     }
+
+
+def check_caps(spec: Any) -> None:
+    """Raise :class:`JobSpecError` if the job asks for more than the operator's caps allow.
+
+    Runs on the submitter (at validation) and again on the worker that loads the job, whose
+    own settings decide: ``DMIPRO_MAX_TRIALS``, ``DMIPRO_MAX_CANDIDATES``,
+    ``DMIPRO_MAX_DATASET_ROWS`` and ``DMIPRO_MAX_PAYLOAD_BYTES``.
+    """
+    from dmipro.config import get_settings
+
+    settings = get_settings()
+    opt = spec.optimizer
+    for name, cap, env in (("num_trials", settings.max_trials, "DMIPRO_MAX_TRIALS"),
+                           ("num_candidates", settings.max_candidates, "DMIPRO_MAX_CANDIDATES")):
+        value = getattr(opt, name)
+        if value is not None and value > cap:
+            raise JobSpecError(f"{value} is more than this machine allows ({cap}; the operator sets {env})",
+                               field=f"optimizer.{name}")
+    for split in ("trainset", "valset", "testset"):
+        records = getattr(spec, split)
+        if isinstance(records, list) and len(records) > settings.max_dataset_rows:
+            raise JobSpecError(f"{len(records)} examples is more than this machine allows "
+                               f"({settings.max_dataset_rows}; the operator sets DMIPRO_MAX_DATASET_ROWS); "
+                               "optimize on a sample", field=split)
+    size = len(json.dumps(spec.model_dump(mode="json"), separators=(",", ":")))
+    if size > settings.max_payload_bytes:
+        raise JobSpecError(f"the job is {size} bytes as JSON with its data, more than this machine allows "
+                           f"({settings.max_payload_bytes}; the operator sets DMIPRO_MAX_PAYLOAD_BYTES)")

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from dmipro.errors import DatasetError, JobSpecError, RefError
 from dmipro.jobs._datasets import fingerprint_records, load_records
+from dmipro.jobs._limits import check_caps
 from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.spec import JobSpec, LMConfig
 from dmipro.refs import ensure_importable, import_ref, trusted_code_paths
@@ -143,6 +144,7 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _spec_error(exc) from None
+    check_caps(spec)  # counts first: nothing is imported or loaded for a job this machine will not run
     ensure_importable(trusted_code_paths())  # never ``base``: a job bundle must not shadow real code
     program = build_program(spec.program)
     metric = import_ref(spec.metric, field="metric")
@@ -180,4 +182,6 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
                     field=split,
                 )
         update[split] = records
-    return Job(spec=spec.model_copy(update=update), base_dir=base)
+    spec = spec.model_copy(update=update)
+    check_caps(spec)
+    return Job(spec=spec, base_dir=base)

@@ -49,6 +49,10 @@ class JobRuntime:
         from dmipro.lm import build_lm
 
         # Before anything is imported or built: a refused job costs the worker nothing.
+        if remote:
+            from dmipro.jobs._limits import check_caps
+
+            check_caps(spec)
         check_lm_policy(spec.lm, "lm", remote=remote)
         check_lm_policy(spec.effective_prompt_lm, "prompt_lm" if spec.prompt_lm else "lm", remote=remote)
         self.job_id = job_id
