@@ -289,8 +289,17 @@ def sim_serve(
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
 ) -> None:
     """Serve the simulator as an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    import ipaddress
+
     from dmipro.lm.server import run_server
 
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        sys.stderr.write(f"warning: serving the simulator on {host}: anyone who can reach port {port} can use "
+                         "it (it has no auth); bind 127.0.0.1 unless other machines must reach it\n")
     console.print(f"simulated LM on http://{host}:{port}/v1 (models: sim-math, ...); Ctrl+C stops")
     run_server(
         host,
@@ -328,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
         ensure_importable(trusted_code_paths())
         app(args=argv, standalone_mode=True)
     except DmiproError as exc:
-        message = " ".join(str(exc).split())
+        from dmipro.config import mask_passwords
+
+        message = mask_passwords(" ".join(str(exc).split()))
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2) from None
 

@@ -9,6 +9,7 @@ that change their environment.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dmipro import defaults
 from dmipro.errors import ConfigError
 
-__all__ = ["RegistrySettings", "Settings", "get_settings", "reload_settings"]
+__all__ = ["RegistrySettings", "Settings", "get_settings", "mask_passwords", "reload_settings"]
 
 
 class RegistrySettings(BaseModel):
@@ -112,6 +113,17 @@ class Settings(BaseModel):
             raise ConfigError(
                 f"setting {where}: {err['msg']} (from {path} or DMIPRO_{where.upper()})"
             ) from exc
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s'\"]*):[^\s'\"]*@")
+
+
+def mask_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` URL in it replaced by ``***``.
+
+    Greedy up to the last ``@``, so a password holding ``@`` (an unparsable URL) is masked whole.
+    """
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def _first_line(exc: BaseException) -> str:

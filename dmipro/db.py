@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from dmipro.config import get_settings
+from dmipro.config import get_settings, mask_passwords
 from dmipro.errors import ConfigError
 
 __all__ = ["VERSION_TABLE", "Base", "get_engine", "is_sqlite", "session_scope", "upgrade"]
@@ -53,7 +54,7 @@ def _new_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except Exception as exc:
-        raise ConfigError(f"DMIPRO_DATABASE_URL {url!r} is not a database URL ({exc})") from exc
+        raise ConfigError(mask_passwords(f"DMIPRO_DATABASE_URL {url!r} is not a database URL ({exc})")) from None
     kwargs: dict[str, Any] = {"future": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -64,9 +65,9 @@ def _new_engine(url: str) -> Engine:
     try:
         engine = create_engine(url, **kwargs)
     except Exception as exc:  # a missing driver, a malformed URL
-        raise ConfigError(
+        raise ConfigError(mask_passwords(
             f"cannot open database {parsed.render_as_string(hide_password=True)}: {exc}"
-        ) from exc
+        )) from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -80,7 +81,13 @@ def get_engine(url: str | None = None) -> Engine:
         if engine is None:
             engine = _engines[url] = _new_engine(url)
         if url not in _upgraded:
-            upgrade(engine)
+            try:
+                upgrade(engine)
+            except OperationalError as exc:  # unreachable, wrong password, no such database
+                where = engine.url.render_as_string(hide_password=True)
+                reason = " ".join(str(exc.orig or exc).split())
+                raise ConfigError(mask_passwords(f"cannot reach the job database {where}: {reason}; "
+                                                 "check DMIPRO_DATABASE_URL")) from None
             _upgraded.add(url)
     return engine
 

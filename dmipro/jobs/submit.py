@@ -125,8 +125,11 @@ def _check_broker(executor: str) -> None:
     except DmiproError:
         raise
     except Exception as exc:
-        raise ExecutorError(f"cannot reach the {executor} broker at {_safe_url(url)} ({type(exc).__name__}: "
-                            f"{exc}); start Redis or set DMIPRO_BROKER_URL") from exc
+        from dmipro.config import mask_passwords
+
+        raise ExecutorError(mask_passwords(f"cannot reach the {executor} broker at {_safe_url(url)} "
+                                           f"({type(exc).__name__}: {exc}); start Redis or set "
+                                           "DMIPRO_BROKER_URL")) from None
 
 
 def _safe_url(url: str) -> str:
@@ -135,7 +138,9 @@ def _safe_url(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return url.split("@")[-1]
+        from dmipro.config import mask_passwords
+
+        return mask_passwords(url)
 
 
 def _enqueue(job_id: str, executor: str) -> None:

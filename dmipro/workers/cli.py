@@ -151,20 +151,37 @@ def cancel_cmd(job_id: JobIdArg, as_json: JsonFlag = False) -> None:
 @cli_errors
 def flower_cmd(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5555,
-    address: Annotated[str, typer.Option(help="Address to bind (keep 127.0.0.1 unless auth is set).")] =
+    address: Annotated[str, typer.Option(help="Address to bind (loopback unless FLOWER_BASIC_AUTH is set).")] =
         "127.0.0.1",
-    basic_auth: Annotated[str | None, typer.Option(help="user:password for the UI and API.")] = None,
+    basic_auth: Annotated[str | None, typer.Option(
+        help="Refused: a password on the command line shows in ps; set FLOWER_BASIC_AUTH instead.",
+        hidden=True)] = None,
 ) -> None:
     """Start Flower on the project's broker: workers, tasks, coordinator progress.
 
-    Flower's HTTP API (``/api/workers``, ``/api/tasks``) answers 401 unless auth is
-    configured (``--basic-auth user:password`` or ``FLOWER_BASIC_AUTH``) or
-    ``FLOWER_UNAUTHENTICATED_API=true`` is set in Flower's environment — use the latter
-    only on a trusted network.
+    Without auth, Flower serves its whole UI (every task's arguments and results) to
+    whoever reaches it, so a bind to anything but loopback needs ``FLOWER_BASIC_AUTH``
+    (``user:password``) or ``FLOWER_AUTH`` (OAuth) in the environment. Its HTTP API
+    (``/api/workers``, ``/api/tasks``) answers 401 unless auth is configured or
+    ``FLOWER_UNAUTHENTICATED_API=true`` is set — use the latter only on loopback.
     """
+    import ipaddress
+    import os
+
+    from dmipro.errors import ConfigError
     from dmipro.workers.celery_app import get_app
 
+    if basic_auth is not None:
+        raise ConfigError("--basic-auth puts the password on the command line (visible in ps); "
+                          "export FLOWER_BASIC_AUTH=user:password instead")
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    authed = bool(os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH"))
+    if not loopback and not authed:
+        raise ConfigError(f"refusing to serve Flower on {address} without auth: it would show every task's "
+                          "arguments and results to anyone who reaches it; export FLOWER_BASIC_AUTH=user:password "
+                          "or bind 127.0.0.1")
     argv = ["flower", f"--port={port}", f"--address={address}"]
-    if basic_auth:
-        argv.append(f"--basic-auth={basic_auth}")
     get_app().start(argv)
