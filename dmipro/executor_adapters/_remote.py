@@ -16,7 +16,7 @@ Backends override three hooks, all called on the collector thread only:
 left out; a backend calls ``_mark_started(id)`` when it sees a task running) and
 ``_revoke(ids)``.
 
-A coordinator :meth:`~RemoteExecutor.watch`\ es its job: every task gets a deadline
+A coordinator watches its job (:meth:`~RemoteExecutor.watch`): every task gets a deadline
 (seconds from when it was seen running, by task name), past which its future fails with
 a ``TaskError`` (``error_type="TaskDeadlineExceeded"``) and the task is revoked; and once
 the job's cancel flag is set, every task in flight is revoked and its future fails
