@@ -298,7 +298,8 @@ def sim_serve(
     except ValueError:
         loopback = False
     if not loopback:
-        sys.stderr.write(f"warning: serving the simulator on {host}: anyone who can reach port {port} can use "
+        sys.stderr.write(f"warning: serving the simulator on {host}: anyone who can reach port {port} "
+                         "can use "
                          "it (it has no auth); bind 127.0.0.1 unless other machines must reach it\n")
     console.print(f"simulated LM on http://{host}:{port}/v1 (models: sim-math, ...); Ctrl+C stops")
     run_server(

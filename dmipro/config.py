@@ -64,7 +64,8 @@ class Settings(BaseModel):
     """Most search trials a job may ask for (``num_trials``)."""
     max_candidates: int = Field(default=defaults.MAX_CANDIDATES, ge=1, description="DMIPRO_MAX_CANDIDATES")
     """Most instruction and demo-set candidates per predictor a job may ask for (``num_candidates``)."""
-    max_dataset_rows: int = Field(default=defaults.MAX_DATASET_ROWS, ge=1, description="DMIPRO_MAX_DATASET_ROWS")
+    max_dataset_rows: int = Field(default=defaults.MAX_DATASET_ROWS, ge=1,
+                                  description="DMIPRO_MAX_DATASET_ROWS")
     """Most examples in one split of a job."""
     max_payload_bytes: int = Field(default=defaults.MAX_PAYLOAD_BYTES, ge=1024,
                                    description="DMIPRO_MAX_PAYLOAD_BYTES")
@@ -72,7 +73,8 @@ class Settings(BaseModel):
     code_paths: tuple[Path, ...] = Field(default=(), description="DMIPRO_CODE_PATHS")
     """Directories (besides installed packages and the current directory) programs are imported from."""
 
-    @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots", "code_paths",
+    @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots",
+                     "code_paths",
                      mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:

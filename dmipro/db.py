@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from dmipro.config import get_settings, mask_passwords
@@ -54,7 +54,8 @@ def _new_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except Exception as exc:
-        raise ConfigError(mask_passwords(f"DMIPRO_DATABASE_URL {url!r} is not a database URL ({exc})")) from None
+        message = f"DMIPRO_DATABASE_URL {url!r} is not a database URL ({exc})"
+        raise ConfigError(mask_passwords(message)) from None
     kwargs: dict[str, Any] = {"future": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

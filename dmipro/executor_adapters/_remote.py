@@ -270,8 +270,8 @@ class RemoteExecutor(ExecutorAdapter):
         if late:
             log.error("%d %s task(s) ran past their deadline; revoking them", len(late), self.name)
             self._abort(late, lambda task: TaskError(
-                f"task {task} ran past its deadline of {self.deadline_for(task):.0f}s (sized from the job's LM "
-                "deadline) and was revoked", task=task, error_type="TaskDeadlineExceeded"))
+                f"task {task} ran past its deadline of {self.deadline_for(task):.0f}s (sized from the job's "
+                "LM deadline) and was revoked", task=task, error_type="TaskDeadlineExceeded"))
 
     def _abort(self, ids: list[str], error: Callable[[str], DmiproError]) -> None:
         with self._lock:

@@ -87,8 +87,8 @@ def check_job_id(job_id: object) -> str:
     one name pattern: no ``/``, no leading ``.``, at most 64 characters.
     """
     if not isinstance(job_id, str) or len(job_id) > defaults.MAX_JOB_ID or not _JOB_ID.fullmatch(job_id):
-        raise JobSpecError(f"invalid job id {str(job_id)[:80]!r}: use 1-{defaults.MAX_JOB_ID} letters, digits, "
-                           "'_', '.' or '-', starting with a letter or digit", field="job_id")
+        raise JobSpecError(f"invalid job id {str(job_id)[:80]!r}: use 1-{defaults.MAX_JOB_ID} letters, "
+                           "digits, '_', '.' or '-', starting with a letter or digit", field="job_id")
     return job_id
 
 

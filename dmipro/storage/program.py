@@ -10,7 +10,6 @@ zips fields by position and never checks names), and loads the state.
 from __future__ import annotations
 
 import copy
-
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any

@@ -139,7 +139,7 @@ class Coordinator:
         return self.store.cancel_requested(self.job_id)
 
     def _watch(self) -> None:
-        """Give a remote executor the job's task deadlines and its cancel flag (see ``RemoteExecutor.watch``)."""
+        """Give a remote executor the job's task deadlines and cancel flag (``RemoteExecutor.watch``)."""
         watch = getattr(self.executor, "watch", None)
         if watch is None:
             return

@@ -151,7 +151,8 @@ def cancel_cmd(job_id: JobIdArg, as_json: JsonFlag = False) -> None:
 @cli_errors
 def flower_cmd(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5555,
-    address: Annotated[str, typer.Option(help="Address to bind (loopback unless FLOWER_BASIC_AUTH is set).")] =
+    address: Annotated[str, typer.Option(help="Address to bind (loopback unless FLOWER_BASIC_AUTH is set).")]
+        =
         "127.0.0.1",
     basic_auth: Annotated[str | None, typer.Option(
         help="Refused: a password on the command line shows in ps; set FLOWER_BASIC_AUTH instead.",
@@ -181,7 +182,7 @@ def flower_cmd(
     authed = bool(os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH"))
     if not loopback and not authed:
         raise ConfigError(f"refusing to serve Flower on {address} without auth: it would show every task's "
-                          "arguments and results to anyone who reaches it; export FLOWER_BASIC_AUTH=user:password "
-                          "or bind 127.0.0.1")
+                          "arguments and results to anyone who reaches it; export "
+                          "FLOWER_BASIC_AUTH=user:password or bind 127.0.0.1")
     argv = ["flower", f"--port={port}", f"--address={address}"]
     get_app().start(argv)

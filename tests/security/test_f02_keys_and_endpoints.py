@@ -78,7 +78,8 @@ def test_f02_workers_send_no_secret_of_theirs_to_a_job_chosen_endpoint(
     # The submitter's own checks refuse both attacks before anything is written.
     monkeypatch.setenv("DMIPRO_ALLOWED_API_HOSTS", f"127.0.0.1:{endpoint.port}")
     reload_settings()
-    with pytest.raises(JobSpecError, match=r"lm\.api_key_env: .*DMIPRO_DATABASE_URL.*DMIPRO_ALLOWED_KEY_ENVS"):
+    key_refused = r"lm\.api_key_env: .*DMIPRO_DATABASE_URL.*DMIPRO_ALLOWED_KEY_ENVS"
+    with pytest.raises(JobSpecError, match=key_refused):
         submit({**small_job(), "lm": {"model": "openai/sim-math", "api_base": allowed,
                                       "api_key_env": "DMIPRO_DATABASE_URL"}}, executor="celery")
     with pytest.raises(JobSpecError, match=r"lm\.api_base: .*'localhost'.*DMIPRO_ALLOWED_API_HOSTS"):
@@ -86,7 +87,8 @@ def test_f02_workers_send_no_secret_of_theirs_to_a_job_chosen_endpoint(
     assert JobStore().list() == []
 
     # A tampered client skips those checks: the worker applies its own rules.
-    stolen = _hostile_run({"model": "openai/sim-math", "api_base": allowed, "api_key_env": "DMIPRO_DATABASE_URL"})
+    stolen = _hostile_run({"model": "openai/sim-math", "api_base": allowed,
+                           "api_key_env": "DMIPRO_DATABASE_URL"})
     assert stolen["state"] == "failed" and "DMIPRO_ALLOWED_KEY_ENVS" in stolen["error"]
     implicit = _hostile_run({"model": "openai/sim-math", "api_base": elsewhere})
     assert implicit["state"] == "failed" and "DMIPRO_ALLOWED_API_HOSTS" in implicit["error"]
@@ -97,7 +99,8 @@ def test_f02_workers_send_no_secret_of_theirs_to_a_job_chosen_endpoint(
     assert ok["state"] == "succeeded", ok
     seen = endpoint.seen()
     assert len(seen) > 10
-    leaked = [h for h in seen if any(PLANTED in v or keyed_worker["DMIPRO_DATABASE_URL"] in v for v in h.values())]
+    secrets = (PLANTED, keyed_worker["DMIPRO_DATABASE_URL"])
+    leaked = [h for h in seen if any(s in v for s in secrets for v in h.values())]
     assert leaked == []
     assert {h.get("authorization") for h in seen} == {"Bearer dmipro-no-key"}
 

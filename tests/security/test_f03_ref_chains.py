@@ -45,5 +45,6 @@ def test_f03_a_ref_chain_to_os_abort_is_refused_at_submit_and_on_a_celery_worker
     assert "leaves the allowed modules" in (report["error"] or "") and "optimizer.teacher" in report["error"]
     # ... and it keeps serving jobs.
     good = submit(small_job(), executor="celery")
-    wait_for(lambda: good.status()["state"] in ("succeeded", "failed"), 120, "a valid job after the hostile one")
+    wait_for(lambda: good.status()["state"] in ("succeeded", "failed"), 120,
+             "a valid job after the hostile one")
     assert good.status()["state"] == "succeeded", celery_stack.logs()

@@ -1,4 +1,4 @@
-"""Finding 5: job ids cannot lead a write outside DMIPRO_HOME, and a planted symlink is not written through."""
+"""Finding 5: job ids cannot lead a write outside DMIPRO_HOME; a planted symlink is not written through."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def test_f05_a_symlink_planted_at_the_program_path_is_replaced_not_written_throu
     assert '"metadata"' in saved.read_text()
 
 
-def test_f05_a_programs_directory_that_leads_outside_home_is_refused(dmipro_home: Path, tmp_path: Path) -> None:
+def test_f05_a_programs_directory_that_leads_outside_home_is_refused(dmipro_home: Path,
+                                                                     tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     dmipro_home.mkdir(parents=True)

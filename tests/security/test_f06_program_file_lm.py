@@ -26,7 +26,8 @@ def _hostile_file(tmp_path: Path, *, program_ref: str = "examples.math_qa.progra
     from dmipro.storage import ProgramRecord
     from dmipro.storage.files import export_program
 
-    export_program(ProgramRecord.from_program(build(), program_ref="examples.math_qa.program:build"), exported)
+    record = ProgramRecord.from_program(build(), program_ref="examples.math_qa.program:build")
+    export_program(record, exported)
     doc = json.loads(exported.read_text())
     for name, pstate in doc["program"].items():
         if name != "metadata":

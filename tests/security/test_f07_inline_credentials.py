@@ -1,4 +1,4 @@
-"""Finding 7: credentials anywhere in an LM block (headers, provider secrets, URLs) are refused, never stored."""
+"""Finding 7: credentials anywhere in an LM block (headers, secrets, URLs) are refused, never stored."""
 
 from __future__ import annotations
 

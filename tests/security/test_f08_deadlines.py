@@ -34,8 +34,9 @@ DB = 5  # Redis databases 5 (broker) and 6 (results)
 
 
 @pytest.fixture(scope="module")
-def prefork_worker(request: pytest.FixtureRequest,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], WorkerProcess]]:
+def prefork_worker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, str], WorkerProcess]]:
     redis_base = request.getfixturevalue("redis_server")
     server = request.getfixturevalue("postgres_server_url")
     url, name = create_database(server)

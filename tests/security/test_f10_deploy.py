@@ -91,9 +91,12 @@ def test_f10_k8s_renders_only_with_every_secret_and_hardens_every_pod(tmp_path: 
 
     policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
     assert policies["default-deny-ingress"]["podSelector"] == {}
-    redis_from = {p["podSelector"]["matchLabels"]["app"] for p in policies["redis-from-dmipro"]["ingress"][0]["from"]}
+    def sources(policy: str) -> set[str]:
+        return {p["podSelector"]["matchLabels"]["app"] for p in policies[policy]["ingress"][0]["from"]}
+
+    redis_from = sources("redis-from-dmipro")
     assert redis_from == {"dmipro-coordinator", "dmipro-work", "flower"}
-    pg_from = {p["podSelector"]["matchLabels"]["app"] for p in policies["postgres-from-workers"]["ingress"][0]["from"]}
+    pg_from = sources("postgres-from-workers")
     assert pg_from == {"dmipro-coordinator", "dmipro-work"}
 
 

@@ -1,4 +1,4 @@
-"""Finding 11: ``dmipro flower`` refuses a non-loopback bind without auth and takes auth only from the environment."""
+"""Finding 11: ``dmipro flower`` refuses a non-loopback bind without auth; auth comes from the environment."""
 
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ def _env(stack: Stack, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_f11_flower_on_all_interfaces_needs_auth_from_the_environment(celery_stack: Stack, tmp_path: Path) -> None:
+def test_f11_flower_on_all_interfaces_needs_auth_from_the_environment(celery_stack: Stack,
+                                                                      tmp_path: Path) -> None:
     port = free_port()
     refused = subprocess.run([DMIPRO, "flower", "--address", "0.0.0.0", "--port", str(port)], cwd=REPO,
                              env=_env(celery_stack), capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "without auth" in refused.stderr and "FLOWER_BASIC_AUTH" in refused.stderr
-    on_cli = subprocess.run([DMIPRO, "flower", "--basic-auth", "admin:hunter2", "--port", str(port)], cwd=REPO,
-                            env=_env(celery_stack), capture_output=True, text=True, timeout=60)
+    on_cli = subprocess.run([DMIPRO, "flower", "--basic-auth", "admin:hunter2", "--port", str(port)],
+                            cwd=REPO, env=_env(celery_stack), capture_output=True, text=True, timeout=60)
     assert on_cli.returncode == 2 and "FLOWER_BASIC_AUTH" in on_cli.stderr
 
     log = (tmp_path / "flower.log").open("wb")

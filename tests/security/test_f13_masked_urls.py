@@ -39,10 +39,9 @@ def test_f13_an_unusable_database_url_is_reported_without_its_password(
 
 
 def test_f13_an_unreachable_broker_is_reported_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dmipro
     from tests.conftest import free_port
     from tests.fixtures.jobs import math_job
-
-    import dmipro
 
     monkeypatch.setenv("DMIPRO_BROKER_URL", f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0")
     monkeypatch.setenv("DMIPRO_ALLOW_SQLITE_REMOTE", "1")

@@ -44,7 +44,8 @@ def test_f15_a_dataset_path_out_of_the_job_directory_is_refused(layout: tuple[Pa
     assert load_job(_job_file(job_dir, "train.jsonl")).spec.trainset[0]["question"]
 
 
-def test_f15_the_operator_may_allow_a_data_root(layout: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_f15_the_operator_may_allow_a_data_root(layout: tuple[Path, Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     job_dir, secret = layout
     monkeypatch.setenv("DMIPRO_DATA_ROOTS", str(secret.parent))
     reload_settings()
