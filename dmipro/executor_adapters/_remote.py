@@ -19,8 +19,10 @@ left out; a backend calls ``_mark_started(id)`` when it sees a task running) and
 A coordinator watches its job (:meth:`~RemoteExecutor.watch`): every task gets a deadline
 (seconds from when it was seen running, by task name), past which its future fails with
 a ``TaskError`` (``error_type="TaskDeadlineExceeded"``) and the task is revoked; and once
-the job's cancel flag is set, every task in flight is revoked and its future fails
-(``error_type="JobCancelled"``), so ``cancel`` never waits for a stuck task.
+the job's cancel flag is set, the coordinator gets ``cancel_grace_s`` to stop at its next
+batch boundary (keeping the best program so far); tasks still in flight after that are
+revoked and their futures fail (``error_type="JobCancelled"``), so ``cancel`` never waits
+for a stuck task.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ class RemoteExecutor(ExecutorAdapter):
     """Poll again this soon after results arrived or tasks were sent."""
     broker_failure_s: float = 300.0
     """Fail every task in flight when the broker stays unreachable this long."""
+    cancel_grace_s: float = 10.0
+    """After a cancel, how long the coordinator may finish its batch before tasks in flight are revoked."""
 
     def __init__(self, concurrency: int = 16, *, poll_interval: float = 0.05) -> None:
         super().__init__(concurrency)
@@ -122,6 +126,7 @@ class RemoteExecutor(ExecutorAdapter):
         """Seconds a task may run once started, by task name (``"*"``: the rest); empty: no limit."""
         self._cancelled: Callable[[], bool] | None = None
         self._next_cancel_check = 0.0
+        self._cancel_seen: float | None = None
         self._started: dict[str, float] = {}
 
     def watch(self, *, deadlines: dict[str, float] | None = None,
@@ -245,11 +250,15 @@ class RemoteExecutor(ExecutorAdapter):
         if self._cancelled is None or now < self._next_cancel_check:
             return False
         self._next_cancel_check = now + 1.0
-        try:
-            if not self._cancelled():
+        if self._cancel_seen is None:
+            try:
+                if not self._cancelled():
+                    return False
+            except Exception as exc:  # the job database away for a moment: look again next second
+                log.warning("checking the job's cancel flag failed: %s", exc)
                 return False
-        except Exception as exc:  # the job database away for a moment: look again next second
-            log.warning("checking the job's cancel flag failed: %s", exc)
+            self._cancel_seen = now
+        if now - self._cancel_seen < self.cancel_grace_s:
             return False
         log.info("the job was cancelled: revoking %d %s task(s) in flight", len(ids), self.name)
         self._abort(ids, lambda task: TaskError(f"task {task} was revoked: the job was cancelled", task=task,
