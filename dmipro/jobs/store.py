@@ -7,10 +7,13 @@ is the only writer of a job's checkpoints and cache rows, so no row is contended
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -23,6 +26,8 @@ from dmipro.db import Base, get_engine
 from dmipro.errors import JobNotFoundError, JobSpecError
 
 __all__ = ["JobRecord", "JobState", "JobStore", "check_job_id", "new_job_id"]
+
+log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -224,6 +229,30 @@ class JobStore:
             if record.state is JobState.QUEUED:
                 self.finish(job_id, JobState.CANCELLED, error="cancelled before it started")
         return self.get(job_id)
+
+    @contextmanager
+    def heartbeat(self, job_id: str, every: float | None = None) -> Iterator[None]:
+        """Mark the job row alive every ``every`` seconds (``HEARTBEAT_S``) while the block runs.
+
+        ``status`` reports a running job whose row stays silent as ``stale``: its coordinator died.
+        """
+        interval = every or defaults.HEARTBEAT_S
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.update(job_id)
+                except Exception as exc:  # the database away for a moment: beat again next time
+                    log.warning("marking job %s alive failed: %s", job_id, exc)
+
+        thread = threading.Thread(target=beat, daemon=True, name=f"dmipro-heartbeat-{job_id}")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=interval)
 
     def cancel_requested(self, job_id: str) -> bool:
         with self.engine.connect() as conn:

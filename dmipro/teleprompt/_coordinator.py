@@ -167,8 +167,9 @@ class Coordinator:
                 settings=self.opt.model_dump(mode="json"),
             )
             try:
-                result = self._run(start)
-                self._save(result)
+                with self.store.heartbeat(self.job_id):  # a silent row means a dead coordinator
+                    result = self._run(start)
+                    self._save(result)
             except BaseException as exc:
                 message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
                 ended = JobState.CANCELLED if self._cancelled() else JobState.FAILED

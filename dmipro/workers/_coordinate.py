@@ -152,29 +152,6 @@ def _release(client: Any, key: str, token: str) -> None:
         log.warning("releasing lease %s failed: %s", key, exc)
 
 
-@contextmanager
-def _heartbeat(job_id: str, store: JobStore) -> Iterator[None]:
-    """Mark the job row alive every ``HEARTBEAT_S`` while the block runs, so a dead coordinator shows."""
-    from dmipro.defaults import HEARTBEAT_S
-
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                store.update(job_id)
-            except Exception as exc:  # the database away for a moment: beat again next time
-                log.warning("marking job %s alive failed: %s", job_id, exc)
-
-    thread = threading.Thread(target=beat, daemon=True, name=f"dmipro-heartbeat-{job_id}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=HEARTBEAT_S)
-
-
 def run_coordinator(body: str, *, backend: str,
                     on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume, or just report) the job named in an ``optimize`` payload; see the module docstring.
@@ -198,8 +175,7 @@ def run_coordinator(body: str, *, backend: str,
         if not held or record.state.finished:
             return job_summary(record)
         try:
-            with _heartbeat(job_id, store):
-                run_job(job_id, executor=executor, on_progress=on_progress, store=store)
+            run_job(job_id, executor=executor, on_progress=on_progress, store=store)
         except Exception as exc:
             current = store.find(job_id)
             if current is not None and not current.state.finished:

@@ -63,10 +63,11 @@ def stack(prefork_worker: tuple[dict[str, str], WorkerProcess],
     return prefork_worker
 
 
-def _stuck_job(deadline_s: float) -> dict[str, Any]:
+def _stuck_job(deadline_s: float | None) -> dict[str, Any]:
     job = small_job()
     job["metric"] = "tests.fixtures.metrics:never_returns"
-    job["lm"] = {**job["lm"], "retry": {"deadline_s": deadline_s}}
+    if deadline_s is not None:
+        job["lm"] = {**job["lm"], "retry": {"deadline_s": deadline_s}}
     job["executor"] = {"backend": "celery", "concurrency": 2, "chunk_size": 2}
     return job
 
@@ -75,7 +76,18 @@ def test_f08_a_metric_that_never_returns_ends_the_job_and_cancel_stops_tasks_in_
     stack: tuple[dict[str, str], WorkerProcess]
 ) -> None:
     _, worker = stack
-    # LM deadline 1 s, chunks of 2 examples on a one-predictor program: each task may run 2 s.
+    # With the default LM deadline (600 s) the stuck tasks would hold the job for 20 minutes:
+    # cancel stops them now.
+    handle = submit(_stuck_job(None), executor="celery")
+    wait_for(lambda: handle.status()["state"] == "running" and handle.status()["phase"], 60, "the job to run")
+    time.sleep(2)  # its first tasks are stuck in the metric by now
+    handle.cancel()
+    report = handle.wait(timeout=30)
+    assert report["state"] == "cancelled", report
+    assert worker.alive, worker.log_tail()
+
+    # An LM deadline of 1 s on a one-predictor program: an evaluation chunk of 2 examples may run
+    # 2 s, a demo set over the 20 training examples 20 s; then the task is revoked and the job fails.
     handle = submit(_stuck_job(1.0), executor="celery")
     began = time.monotonic()
     report = handle.wait(timeout=120)
@@ -84,14 +96,6 @@ def test_f08_a_metric_that_never_returns_ends_the_job_and_cancel_stops_tasks_in_
     assert time.monotonic() - began < 90
     assert worker.alive, worker.log_tail()
 
-    # With the default deadline (600 s) the tasks would hang for 20 minutes: cancel stops them now.
-    handle = submit(_stuck_job(600.0), executor="celery")
-    wait_for(lambda: handle.status()["state"] == "running" and handle.status()["phase"], 60, "the job to run")
-    time.sleep(2)  # its first tasks are stuck in the metric by now
-    handle.cancel()
-    report = handle.wait(timeout=30)
-    assert report["state"] == "cancelled", report
-    assert worker.alive, worker.log_tail()
     # The worker's slots are free again: a sound job runs to the end.
     good = submit({**small_job(), "executor": {"backend": "celery", "concurrency": 2}}, executor="celery")
     assert good.wait(timeout=120)["state"] == "succeeded", worker.log_tail()
@@ -109,5 +113,10 @@ def test_f08_a_job_whose_coordinator_died_shows_as_stale_with_its_heartbeat_age(
                      {"t": time.time() - 600, "id": record.id})
     report = status(record.id)
     assert report["state"] == "stale" and report["heartbeat_age_s"] >= 600
+    with store.heartbeat(record.id, every=0.1):  # what a live coordinator does
+        wait_for(lambda: status(record.id)["state"] == "running", 10, "a heartbeat to show the job alive")
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE dmipro_jobs SET updated_at = :t WHERE id = :id"),
+                     {"t": time.time() - 600, "id": record.id})
     cancelled = JobHandle(record.id).cancel()
     assert store.get(record.id).state is JobState.CANCELLED, cancelled
