@@ -20,12 +20,14 @@ from dmipro.errors import (
     DmiproError,
     EvaluationError,
     ExecutorError,
+    ExperimentError,
     JobNotFoundError,
     JobSpecError,
     JobTimeoutError,
     LMError,
     NotFoundError,
     OptimizationError,
+    OptimizerArgumentError,
     RateLimitError,
     RefError,
     RegistryError,
@@ -34,6 +36,7 @@ from dmipro.errors import (
 )
 
 if typing.TYPE_CHECKING:
+    from dmipro import ab
     from dmipro.api import evaluate, optimize
     from dmipro.evaluation import EvaluationResult, Evaluator
     from dmipro.events import Event, Subscriber, bus
@@ -73,7 +76,15 @@ _LAZY = {
 }
 
 
+_SUBMODULES = {"ab"}
+"""Subpackages reachable as attributes (``dmipro.ab.create``), imported on first use."""
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"dmipro.{name}")
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dmipro' has no attribute {name!r}")
@@ -95,6 +106,7 @@ __all__ = [
     "Event",
     "ExecutorAdapter",
     "ExecutorError",
+    "ExperimentError",
     "InlineExecutor",
     "Job",
     "JobHandle",
@@ -109,6 +121,7 @@ __all__ = [
     "NotFoundError",
     "OptimizationError",
     "OptimizationResult",
+    "OptimizerArgumentError",
     "RateLimitError",
     "RefError",
     "RegistryError",
@@ -118,6 +131,7 @@ __all__ = [
     "ThreadExecutor",
     "Usage",
     "__version__",
+    "ab",
     "build_lm",
     "bus",
     "cancel",

@@ -54,6 +54,9 @@ def _mount() -> None:
     worker_app.command("celery")(workers.worker_celery)
     worker_app.command("rq")(workers.worker_rq)
     app.add_typer(worker_app, name="worker")
+    from dmipro.ab.cli import ab_app
+
+    app.add_typer(ab_app, name="ab")
 
 
 console = Console(stderr=True)
@@ -66,8 +69,10 @@ ExecutorOpt = Annotated[
 
 
 def emit_json(data: Any) -> None:
-    """Print ``data`` as one line of JSON on stdout."""
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    """Print ``data`` as one line of JSON on stdout (the only thing there under ``--json``)."""
+    from dmipro._cli_util import write_json
+
+    write_json(data)
 
 
 @app.command()
@@ -278,6 +283,26 @@ def jobs(
     Console().print(table)
 
 
+@app.command()
+def report(
+    job_ids: Annotated[list[str], typer.Argument(help="A job id, or two to compare side by side.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="report.png or report.html (default: report-<job>.png)."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """One figure of a run: scores per trial, best so far, which choices mattered, LM use per phase."""
+    from dmipro.report import report as build
+
+    # --json alone prints the numbers and draws nothing (no matplotlib needed).
+    data = build(job_ids, out=out, figure_file=not as_json)
+    if as_json:
+        emit_json(data)
+    else:
+        console.print(f"report: {data['out']}")
+
+
 @sim_app.command("serve")
 def sim_serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -332,11 +357,14 @@ _mount()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a DmiproError exits 2 with a one-line reason."""
+    from dmipro._cli_util import json_stdout
     from dmipro.refs import ensure_importable, trusted_code_paths
 
+    args = sys.argv[1:] if argv is None else argv
     try:
         ensure_importable(trusted_code_paths())
-        app(args=argv, standalone_mode=True)
+        with json_stdout("--json" in args):
+            app(args=args, standalone_mode=True)
     except DmiproError as exc:
         from dmipro.config import mask_passwords
 

@@ -33,6 +33,8 @@ class RegistrySettings(BaseModel):
     """Deploy a newly registered version when it beats the deployed one by ``deploy_margin``."""
     deploy_margin: float = 0.0
     """Points (0-100 scale) a new version must gain over the deployed one to auto-deploy."""
+    auto_rollback: bool = False
+    """Roll back a deployed version when the A/B regression check finds it worse than its reference."""
 
 
 class Settings(BaseModel):
@@ -72,6 +74,11 @@ class Settings(BaseModel):
     """Largest job (spec with its datasets, as JSON) stored and sent to workers."""
     code_paths: tuple[Path, ...] = Field(default=(), description="DMIPRO_CODE_PATHS")
     """Directories (besides installed packages and the current directory) programs are imported from."""
+    reconcile_interval: float = Field(
+        default=defaults.DEFAULT_RECONCILE_INTERVAL_S, ge=0, description="DMIPRO_RECONCILE_INTERVAL"
+    )
+    reconcile_grace: float = Field(default=defaults.DEFAULT_RECONCILE_GRACE_S, ge=0,
+                                   description="DMIPRO_RECONCILE_GRACE")
 
     @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots",
                      "code_paths",

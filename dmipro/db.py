@@ -9,7 +9,9 @@ so the two never collide.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,23 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from dmipro.config import get_settings, mask_passwords
 from dmipro.errors import ConfigError
 
-__all__ = ["VERSION_TABLE", "Base", "get_engine", "is_sqlite", "session_scope", "upgrade"]
+__all__ = [
+    "RECONNECT_S",
+    "VERSION_TABLE",
+    "Base",
+    "database_gone",
+    "dispose_engine",
+    "get_engine",
+    "is_sqlite",
+    "patient_connects",
+    "session_scope",
+    "upgrade",
+]
+
+log = logging.getLogger(__name__)
+
+RECONNECT_S = 60.0
+"""How long a connection to a server that was up once keeps trying while it restarts."""
 
 VERSION_TABLE = "dmipro_alembic_version"
 
@@ -71,7 +89,59 @@ def _new_engine(url: str) -> Engine:
         )) from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        patient_connects(engine)
     return engine
+
+
+def patient_connects(engine: Engine, wait_s: float = RECONNECT_S) -> Engine:
+    """Let ``engine`` wait up to ``wait_s`` for a server that restarts, once it has reached it.
+
+    A first connection still fails at once (a wrong URL gets its error without delay);
+    after that, a refused connection (the server restarting, or in recovery) is retried
+    with backoff. Stale pooled connections are caught by ``pool_pre_ping``.
+    """
+    seen_up = threading.Event()
+
+    def connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        deadline = time.monotonic() + wait_s
+        delay = 0.1
+        while True:
+            try:
+                conn = dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                if not seen_up.is_set() or time.monotonic() + delay > deadline:
+                    raise
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.warning("the database is unreachable (%s); retrying in %.1fs", reason, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            seen_up.set()
+            return conn
+
+    event.listen(engine, "do_connect", connect)
+    return engine
+
+
+def database_gone(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a lost or refused database connection.
+
+    Such a failure says nothing about the job: a coordinator may resume it once the
+    database is back.
+    """
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, OperationalError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -91,6 +161,15 @@ def get_engine(url: str | None = None) -> Engine:
                                                  "check DMIPRO_DATABASE_URL")) from None
             _upgraded.add(url)
     return engine
+
+
+def dispose_engine(url: str) -> None:
+    """Close and forget the engine for ``url`` (a temporary database about to be deleted)."""
+    with _lock:
+        engine = _engines.pop(url, None)
+        _upgraded.discard(url)
+    if engine is not None:
+        engine.dispose()
 
 
 def upgrade(engine: Engine) -> None:

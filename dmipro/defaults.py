@@ -59,3 +59,9 @@ MAX_DATASET_ROWS = 100_000
 
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 """Default cap on a job's size as JSON (its spec with the datasets inline): 64 MiB."""
+
+DEFAULT_RECONCILE_INTERVAL_S = 60.0
+"""Seconds between two passes of a coordinator worker's reconciler (0 turns it off)."""
+
+DEFAULT_RECONCILE_GRACE_S = 60.0
+"""Seconds an unfinished job's row must stay unchanged before the reconciler looks for its message."""

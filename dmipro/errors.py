@@ -16,10 +16,12 @@ into a one-line message on stderr and exit status 2.
     ├── DecodeError            a payload or stored record that is not what it claims to be
     ├── EvaluationError        an evaluation that reached ``max_errors``
     ├── OptimizationError      an optimization that cannot go on
+    │   └── OptimizerArgumentError  an argument dspy.MIPROv2 also refuses (also a ValueError)
     ├── JobNotFoundError       no job with that id
     ├── StorageError           saving or loading a program failed
-    └── RegistryError          a registry operation that is not allowed
-        └── NotFoundError      no such program name or version
+    ├── RegistryError          a registry operation that is not allowed
+    │   └── NotFoundError      no such program name or version
+    └── ExperimentError        an A/B experiment that cannot be created, found or acted on
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ __all__ = [
     "DmiproError",
     "EvaluationError",
     "ExecutorError",
+    "ExperimentError",
     "JobNotFoundError",
     "JobTimeoutError",
     "JobSpecError",
     "LMError",
     "NotFoundError",
     "OptimizationError",
+    "OptimizerArgumentError",
     "RateLimitError",
     "RefError",
     "RegistryError",
@@ -110,6 +114,13 @@ class OptimizationError(DmiproError):
     """An optimization cannot start or go on (bad settings, every evaluation failing)."""
 
 
+class OptimizerArgumentError(OptimizationError, ValueError):
+    """An optimizer argument or dataset that ``dspy.MIPROv2`` refuses with ``ValueError`` too.
+
+    It is a ``ValueError`` so that code written for DSPy's optimizer catches it unchanged.
+    """
+
+
 class JobNotFoundError(DmiproError):
     """No job with the given id exists in the job store."""
 
@@ -124,3 +135,7 @@ class RegistryError(DmiproError):
 
 class NotFoundError(RegistryError):
     """No program with that name, or no such version of it."""
+
+
+class ExperimentError(DmiproError):
+    """An A/B experiment cannot be created, found, recorded into or acted on."""

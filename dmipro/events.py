@@ -48,6 +48,7 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "dspy.optimization.trial_complete",
         "dspy.optimization.bootstrap_complete",
         "dspy.optimization.instruction_proposal_complete",
+        "dspy.optimization.requeued",
         "dspy.signature.optimized",
         "dspy.signature.deployed",
         "dspy.storage.save",
@@ -57,6 +58,9 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "dspy.registry.rollback",
         "dspy.ab.assign",
         "dspy.ab.outcome",
+        "dspy.ab.decision",
+        "dspy.ab.regression",
+        "dspy.langfuse.comparison_logged",
     }
 )
 """Every event name dmipro emits; ``emit`` refuses others so a typo cannot go unnoticed."""

@@ -131,3 +131,40 @@ def test_a_bad_database_url_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -
         get_engine("not a url")
     with pytest.raises(ConfigError, match="cannot open database"):
         get_engine("nosuchdialect://host/db")
+
+
+def test_a_lost_database_is_told_apart_from_a_failing_job(postgres_url: str) -> None:
+    """A refused connection (also as Optuna wraps it) is 'database gone'; a job's own error is not."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.engine import make_url
+
+    from dmipro.db import database_gone
+
+    closed = make_url(postgres_url).set(port=1).render_as_string(hide_password=False)
+    engine = sa.create_engine(closed)
+    with pytest.raises(sa.exc.OperationalError) as info:
+        engine.connect()
+    assert database_gone(info.value)
+    try:
+        raise StorageInternalError("commit failed") from info.value
+    except StorageInternalError as wrapped:
+        assert database_gone(wrapped)
+    assert not database_gone(ValueError("metric exploded"))
+    assert not database_gone(ConfigError("bad setting"))
+
+
+def test_a_first_connection_to_a_wrong_server_fails_at_once(postgres_url: str) -> None:
+    """patient_connects retries only a server it has reached before (the PostgreSQL restart in
+    tests/integration/test_chaos.py shows the waiting): a wrong URL still fails fast."""
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    from dmipro.db import patient_connects
+
+    closed = make_url(postgres_url).set(port=1).render_as_string(hide_password=False)
+    engine = patient_connects(sa.create_engine(closed), wait_s=30)
+    start = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError):
+        engine.connect()
+    assert time.monotonic() - start < 5

@@ -48,7 +48,9 @@ def test_the_docstring_draws_the_real_tree() -> None:
         if parent is None:
             assert cls is DmiproError
         else:
-            assert cls.__bases__ == (getattr(errors, parent),), cls.__name__
+            assert cls.__bases__[0] is getattr(errors, parent), cls.__name__
+            # A second base may only be a builtin type callers already catch (ValueError for DSPy's).
+            assert all(b.__module__ == "builtins" for b in cls.__bases__[1:]), cls.__name__
 
 
 def test_job_spec_errors_name_their_field() -> None:

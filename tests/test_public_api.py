@@ -87,6 +87,14 @@ def test_each_subpackage_exports_exactly_its_public_members(name: str) -> None:
     _check_exports(importlib.import_module(name))
 
 
+def test_ab_is_an_attribute_of_the_top_package() -> None:
+    import dmipro.ab
+
+    assert dmipro.ab is importlib.import_module("dmipro.ab") and "ab" in dmipro.__all__
+    for name in ("create", "get", "list", "monitor", "offline", "plan"):
+        assert inspect.getdoc(getattr(dmipro.ab, name)), name
+
+
 def test_every_error_is_exported_at_the_top() -> None:
     import dmipro.errors
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from dmipro.errors import DecodeError, ExecutorError
 
-__all__ = ["ExecutorAdapter", "encode_payload"]
+__all__ = ["ExecutorAdapter", "decode_payload", "encode_payload"]
 
 
 def encode_payload(payload: dict[str, Any]) -> str:
@@ -35,6 +35,18 @@ def encode_payload(payload: dict[str, Any]) -> str:
         return json.dumps(payload, allow_nan=False, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"task payload is not JSON-serializable: {exc}") from exc
+
+
+def decode_payload(body: Any, *, what: str) -> dict[str, Any]:
+    """A payload's JSON text as a dict; anything else (or JSON nested too deep) is a DecodeError."""
+    try:
+        payload = json.loads(body)
+    except (TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise DecodeError(f"{what}: payload is not JSON ({detail})") from None
+    if not isinstance(payload, dict):
+        raise DecodeError(f"{what}: payload must be a JSON object, not {type(payload).__name__}")
+    return payload
 
 
 class ExecutorAdapter:

@@ -5,10 +5,21 @@ Shipping batches everything submitted since the last cycle into one
 with ``Job.fetch_many`` and reads the results of the finished ones. Jobs use RQ's JSON
 serializer, carry the sender's W3C trace context in their meta, and have timeouts sized
 for LM work (:data:`~dmipro.workers.rq_worker.WORK_TIMEOUT_S`).
+
+RQ marks the job of a worker that died (SIGKILL, a lost machine) as abandoned only when
+the job's timeout has passed, an hour for LM work. dmipro's RQ workers keep their worker
+key alive with a short TTL (:data:`WORKER_ALIVE_TTL_S`), so a ``started`` job whose worker
+key is gone belongs to a dead worker: the collector sends it again under the same id, as
+it does a job that vanished from Redis (a restart without persistence). Bodies are
+idempotent and each id is consumed once, so a second run is harmless; after
+:data:`MAX_RESENDS` the task fails with the reason instead.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from dmipro.defaults import WORK_QUEUE
@@ -18,7 +29,34 @@ from dmipro.executor_adapters._remote import Outcome, RemoteExecutor, Shipment, 
 if TYPE_CHECKING:
     from redis import Redis
 
-__all__ = ["RQExecutor"]
+__all__ = ["MAX_RESENDS", "WORKER_ALIVE_TTL_S", "RQExecutor", "dead_workers", "worker_key"]
+
+log = logging.getLogger(__name__)
+
+WORKER_ALIVE_TTL_S = 15
+"""Seconds a dmipro RQ worker's key outlives its last heartbeat (it beats every third of that)."""
+
+MAX_RESENDS = 3
+"""How often one task is sent again (dead worker, vanished job) before it fails."""
+
+
+def worker_key(name: str) -> str:
+    """RQ's Redis key of worker ``name`` (it exists while the worker lives)."""
+    from rq.worker import Worker
+
+    return str(Worker.redis_worker_namespace_prefix) + name
+
+
+def dead_workers(connection: Redis, names: Iterable[str]) -> set[str]:
+    """The workers among ``names`` whose key has expired: they died, and their jobs with them."""
+    unique = sorted({n for n in names if n})
+    if not unique:
+        return set()
+    with connection.pipeline(transaction=False) as pipe:
+        for name in unique:
+            pipe.exists(worker_key(name))
+        alive = pipe.execute()
+    return {name for name, exists in zip(unique, alive, strict=True) if not exists}
 
 
 class RQExecutor(RemoteExecutor):
@@ -43,6 +81,10 @@ class RQExecutor(RemoteExecutor):
         self.queue = Queue(queue, connection=self.connection, serializer=JSONSerializer)
         self.job_timeout = job_timeout or WORK_TIMEOUT_S
         self.result_ttl = result_ttl or RESULT_TTL_S
+        self.lost_check_s = WORKER_ALIVE_TTL_S / 3
+        """Seconds between two looks for tasks of dead workers."""
+        self._next_lost_check = 0.0
+        self._resends: dict[str, int] = {}
 
     def _send(self, shipments: list[Shipment]) -> None:
         from rq import Queue
@@ -69,15 +111,18 @@ class RQExecutor(RemoteExecutor):
 
         out: dict[str, Outcome] = {}
         jobs = Job.fetch_many(ids, connection=self.connection, serializer=JSONSerializer)
+        lost: dict[str, str] = {}
+        started: dict[str, str] = {}
         for tid, job in zip(ids, jobs, strict=True):
             task = self._task_name(tid)
             if job is None:
-                gone = f"task {task}: its RQ job {tid} is gone from Redis (expired or deleted)"
-                out[tid] = Outcome(error=TaskError(gone, task=task, error_type="NoSuchJobError"))
+                lost[tid] = "vanished from Redis"
                 continue
             status = job.get_status(refresh=False)
             if status == JobStatus.STARTED:
                 self._mark_started(tid)
+                if job.worker_name:
+                    started[tid] = job.worker_name
             if status == JobStatus.FINISHED:
                 result = job.return_value()
                 if not isinstance(result, dict):
@@ -90,7 +135,40 @@ class RQExecutor(RemoteExecutor):
             elif status in (JobStatus.STOPPED, JobStatus.CANCELED):
                 out[tid] = Outcome(error=TaskError(f"task {task} was {status.value} before it finished",
                                                    task=task, error_type=f"Job{status.value.title()}"))
+        now = time.monotonic()
+        if started and now >= self._next_lost_check:
+            self._next_lost_check = now + self.lost_check_s
+            dead = dead_workers(self.connection, started.values())
+            lost.update({tid: f"its worker {name} died" for tid, name in started.items() if name in dead})
+        if lost:
+            out.update(self._resend(lost))
+        for tid in out:
+            self._resends.pop(tid, None)
         return out
+
+    def _resend(self, lost: dict[str, str]) -> dict[str, Outcome]:
+        """Send the ``lost`` tasks again (same ids); those sent too often fail instead."""
+        failed: dict[str, Outcome] = {}
+        again: list[Shipment] = []
+        for tid, why in lost.items():
+            with self._lock:
+                entry = self._pending.get(tid)
+            if entry is None:
+                continue
+            n = self._resends[tid] = self._resends.get(tid, 0) + 1
+            if n > MAX_RESENDS:
+                task = entry[0].task
+                failed[tid] = Outcome(error=TaskError(
+                    f"task {task}: its RQ job {tid} {why}, after being sent {n} times; giving up",
+                    task=task, error_type="LostTaskError"))
+                self._resends.pop(tid, None)
+                continue
+            log.warning("RQ task %s (%s) %s; sending it again (%d/%d)", tid, entry[0].task, why, n,
+                        MAX_RESENDS)
+            again.append(entry[0])
+        if again:
+            self._send(again)
+        return failed
 
     def _task_name(self, tid: str) -> str:
         with self._lock:
@@ -117,7 +195,8 @@ class RQExecutor(RemoteExecutor):
 
 
 def _failure(task: str, job: Any) -> DmiproError:
-    error = (job.meta or {}).get("error")
+    meta = job.meta if isinstance(job.meta, dict) else {}  # a job written by something else
+    error = meta.get("error")
     if isinstance(error, dict) and "type" in error:
         return remote_error(task, str(error["type"]), str(error.get("message", "")))
     # No recorded error: the worker died (AbandonedJobError) or a timeout stopped the job.

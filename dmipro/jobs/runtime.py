@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from dmipro.errors import JobSpecError
@@ -18,10 +20,56 @@ from dmipro.jobs.candidate import Candidate, apply_candidate, fingerprint
 from dmipro.jobs.spec import JobSpec
 from dmipro.refs import import_ref
 
-__all__ = ["MAX_RUNTIMES", "JobRuntime", "forget_runtime", "get_runtime", "register_runtime"]
+__all__ = [
+    "ADAPTERS",
+    "MAX_RUNTIMES",
+    "JobRuntime",
+    "capture_dspy_settings",
+    "forget_runtime",
+    "get_runtime",
+    "register_runtime",
+    "settings_of",
+]
 
 SPLITS = {"train": "trainset", "val": "valset", "test": "testset"}
 _PROGRAM_CACHE_SIZE = 256
+
+# Per-call state DSPy keeps in its settings: each task sets its own (``lm`` per task,
+# a fresh ``trace``, dmipro's usage meter), so the caller's values must not leak in.
+_PER_CALL_SETTINGS = frozenset(
+    {"lm", "trace", "usage_tracker", "caller_predict", "caller_modules", "send_stream", "stream_listeners"}
+)
+
+
+ADAPTERS = ("ChatAdapter", "JSONAdapter", "XMLAdapter")
+"""DSPy adapters a job spec names (``dspy_settings.adapter``); built with their defaults."""
+
+
+def settings_of(spec: JobSpec) -> dict[str, Any]:
+    """The DSPy settings a job spec carries, as ``dspy.context`` takes them (adapter built)."""
+    import dspy
+
+    settings = dict(spec.dspy_settings or {})
+    adapter = settings.get("adapter")
+    if adapter is not None:
+        if adapter not in ADAPTERS:
+            raise JobSpecError(
+                f"unknown adapter {adapter!r}; one of {', '.join(ADAPTERS)}", field="dspy_settings.adapter"
+            )
+        settings["adapter"] = getattr(dspy, adapter)()
+    return settings
+
+
+def capture_dspy_settings() -> dict[str, Any]:
+    """The caller's DSPy settings (``dspy.configure`` under ``dspy.context``), minus per-call state.
+
+    Worker threads start with DSPy's global configuration only: ``dspy.context`` lives in a
+    context variable that new threads do not inherit. A runtime applies what this returns
+    around every task, so the adapter, callbacks and flags the caller set reach each call.
+    """
+    import dspy
+
+    return {k: v for k, v in dspy.settings.copy().items() if k not in _PER_CALL_SETTINGS}
 
 
 class JobRuntime:
@@ -36,12 +84,20 @@ class JobRuntime:
         metric: Any = None,
         task_lm: Any = None,
         prompt_lm: Any = None,
+        examples: dict[str, list[Any]] | None = None,
+        teacher: Any = None,
+        teacher_settings: dict[str, Any] | None = None,
+        dspy_settings: dict[str, Any] | None = None,
         remote: bool = False,
     ) -> None:
         """Build from the spec's references, or from objects given in-process (``MIPROv2.compile``).
 
+        In-process, ``examples`` are the caller's own ``dspy.Example`` objects by split, used
+        as they are (each keeps its own input keys and field values); ``teacher`` is a program
+        object and ``teacher_settings`` DSPy settings for bootstrapping with it;
+        ``dspy_settings`` (see :func:`capture_dspy_settings`) is applied around every task.
         ``remote``: the job came from the job database to a worker, so the worker's own rules
-        for key variables and endpoints apply (:mod:`dmipro.jobs._policy`).
+        for key variables, endpoints and sizes apply (:mod:`dmipro.jobs._policy`).
         """
         import dspy
 
@@ -60,10 +116,15 @@ class JobRuntime:
         self.in_process = program is not None or metric is not None
         self.metric = metric if metric is not None else import_ref(spec.metric, field="metric")
         self._base = program.deepcopy() if program is not None else build_program(spec.program)
+        self._teacher = teacher
+        self.teacher_settings = dict(teacher_settings or {})
+        self.dspy_settings = dict(dspy_settings if dspy_settings is not None else settings_of(spec))
         self.examples: dict[str, list[Any]] = {}
+        if examples is not None:
+            self.examples = {split: list(items) for split, items in examples.items()}
         for split, attr in SPLITS.items():
             records = getattr(spec, attr)
-            if isinstance(records, list):
+            if isinstance(records, list) and split not in self.examples:
                 self.examples[split] = [dspy.Example(**r).with_inputs(*spec.input_keys) for r in records]
         if "val" not in self.examples:
             from dmipro.teleprompt._plan import default_split
@@ -84,9 +145,28 @@ class JobRuntime:
         return self._base.deepcopy()
 
     def teacher_program(self) -> Any | None:
-        """The job's teacher program, if it names one (else BootstrapFewShot uses the student)."""
+        """The job's teacher program, if it has one (else BootstrapFewShot uses the student)."""
+        if self._teacher is not None:
+            return self._teacher.deepcopy()
         ref = self.spec.optimizer.teacher
         return build_program(ref, field="optimizer.teacher") if ref else None
+
+    @contextmanager
+    def context(self, **overrides: Any) -> Iterator[None]:
+        """``dspy.context`` with the caller's captured settings, then ``overrides`` (``lm=...``)."""
+        import dspy
+
+        from dmipro.lm import callbacks
+
+        settings = {**self.dspy_settings, **overrides}
+        own = callbacks.callback()
+        # The caller's callbacks replace DSPy's global list, as dspy.context does; dmipro's
+        # own LM-call callback (observability) stays, or its spans and counts would vanish.
+        given = settings.get("callbacks")
+        if given is not None and callbacks.installed() and not any(cb is own for cb in given):
+            settings["callbacks"] = [*given, own]
+        with dspy.context(**settings):
+            yield
 
     def program_for(self, candidate: Candidate | None) -> Any:
         """The program with ``candidate`` applied; shared per candidate (do not mutate it)."""

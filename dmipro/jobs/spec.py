@@ -205,6 +205,9 @@ class JobSpec(BaseModel):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     registration: RegisterConfig | None = Field(default=None, alias="register")
     """The ``register:`` block (named ``registration`` in Python: BaseModel owns ``register``)."""
+    dspy_settings: dict[str, Any] | None = None
+    """DSPy settings applied around every task (``dspy.context``): ``adapter`` by class name
+    (ChatAdapter, JSONAdapter, XMLAdapter) and plain JSON flags such as ``provide_traceback``."""
 
     @field_validator("input_keys")
     @classmethod
@@ -212,6 +215,14 @@ class JobSpec(BaseModel):
         if len(set(keys)) != len(keys):
             raise ValueError("input_keys has duplicates")
         return keys
+
+    @field_validator("dspy_settings")
+    @classmethod
+    def _known_adapter(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        adapters = ("ChatAdapter", "JSONAdapter", "XMLAdapter")
+        if value and value.get("adapter") is not None and value["adapter"] not in adapters:
+            raise ValueError(f"adapter must be one of {', '.join(adapters)}, not {value['adapter']!r}")
+        return value
 
     @property
     def effective_prompt_lm(self) -> LMConfig:

@@ -14,6 +14,7 @@ one from an id.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "JobTimeoutError",
     "cancel",
     "check_database_for",
+    "coordinator_consumers",
     "status",
     "status_of",
     "submit",
@@ -43,6 +45,9 @@ __all__ = [
 
 REMOTE_EXECUTORS = ("celery", "rq")
 """Executors whose workers pick up submitted jobs."""
+
+_CONSUMER_CHECK_S = 5.0
+"""How often ``wait`` asks the broker whether a queued job's coordinator queue has a consumer."""
 
 JobSource = str | Path | dict[str, Any] | Job
 
@@ -154,6 +159,62 @@ def _enqueue(job_id: str, executor: str) -> None:
         enqueue_optimize(job_id, executor)
 
 
+def coordinator_consumers(executor: str, *, timeout: float = 1.0) -> int:
+    """How many live workers consume ``dmipro.coordinator`` on ``executor``'s broker, asked now.
+
+    Celery: the workers that answer an ``active_queues`` broadcast within ``timeout``.
+    RQ: the workers registered on the queue whose last heartbeat is within their TTL.
+    Raises :class:`~dmipro.errors.ExecutorError` when the broker cannot be asked.
+    """
+    from dmipro.defaults import COORDINATOR_QUEUE
+
+    try:
+        if executor == "celery":
+            from dmipro.workers.celery_app import get_app
+
+            replies = get_app().control.inspect(timeout=timeout).active_queues() or {}
+            names = [{q.get("name") for q in queues or []} for queues in replies.values()]
+            return sum(1 for queues in names if COORDINATOR_QUEUE in queues)
+        from datetime import UTC, datetime
+
+        from rq import Queue, Worker
+
+        from dmipro.workers.rq_worker import redis_connection
+
+        connection = redis_connection()
+        now = datetime.now(UTC)
+        live = 0
+        queue = Queue(COORDINATOR_QUEUE, connection=connection)
+        for worker in Worker.all(connection=connection, queue=queue):
+            beat = worker.last_heartbeat
+            if beat is not None and beat.tzinfo is None:
+                beat = beat.replace(tzinfo=UTC)
+            if beat is None or (now - beat).total_seconds() <= max(worker.worker_ttl, 60):
+                live += 1
+        return live
+    except DmiproError:
+        raise
+    except Exception as exc:
+        raise ExecutorError(
+            f"cannot ask the {executor} broker for workers ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def waiting_reason(record: JobRecord) -> str | None:
+    """Why a queued job on workers is not starting, when that can be seen; else None."""
+    from dmipro.defaults import COORDINATOR_QUEUE
+
+    if record.state is not JobState.QUEUED or record.executor not in REMOTE_EXECUTORS:
+        return None
+    try:
+        consumers = coordinator_consumers(record.executor)
+    except ExecutorError as exc:
+        return str(exc)
+    if consumers == 0:
+        return f"no worker consumes {COORDINATOR_QUEUE}"
+    return None
+
+
 def _revoke(job_id: str, executor: str) -> None:
     if executor == "celery":
         from dmipro.workers.celery_app import revoke_optimize
@@ -168,7 +229,7 @@ def _revoke(job_id: str, executor: str) -> None:
 _STATUS_FROM_PROGRESS = ("trials_done", "trials_total", "best_score", "baseline_score", "lm_calls", "tokens",
                          "cost_usd")
 _STATUS_FROM_RESULT = ("best_score", "baseline_score", "lm_calls", "tokens", "cost_usd", "stop_reason",
-                       "program_path", "registered", "wall_s")
+                       "program_path", "program_id", "registered", "wall_s")
 
 
 def status_of(record: JobRecord) -> dict[str, Any]:
@@ -200,6 +261,7 @@ def status_of(record: JobRecord) -> dict[str, Any]:
         finished_at=record.finished_at,
         updated_at=record.updated_at,
         error=record.error,
+        waiting=None,  # JobHandle.status() asks the broker; a finished job never waits
     )
     return report
 
@@ -232,29 +294,58 @@ class JobHandle:
         return self._store.get(self.job_id)
 
     def status(self) -> dict[str, Any]:
-        """State, phase, trials done/total, best score, LM calls, tokens, timestamps and error."""
-        return status_of(self.record)
+        """State, phase, trials done/total, best score, LM calls, tokens, timestamps and error.
 
-    def wait(self, timeout: float | None = None, *, poll_interval: float = 0.5) -> dict[str, Any]:
+        ``waiting`` says why a queued job does not start, when that can be seen (``no worker
+        consumes dmipro.coordinator``: the broker was asked for a live consumer); else None.
+        """
+        record = self.record
+        return {**status_of(record), "waiting": waiting_reason(record)}
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        poll_interval: float = 0.5,
+        on_waiting: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
         """Block until the job is finished (succeeded, failed or cancelled); return its status.
 
-        Raises :class:`JobTimeoutError` when ``timeout`` seconds pass first.
+        While the job stays queued the broker is asked, every few seconds, whether a worker
+        consumes the coordinator queue; ``on_waiting`` receives each new reason it does not
+        start. Raises :class:`JobTimeoutError` when ``timeout`` seconds pass first; its
+        message carries that reason.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = min(0.05, poll_interval)
+        reason: str | None = None
+        next_check = time.monotonic()
         while True:
             record = self.record
             if record.state.finished:
                 return status_of(record)
+            if record.state is JobState.QUEUED and time.monotonic() >= next_check:
+                found = waiting_reason(record)
+                if found and found != reason and on_waiting is not None:
+                    on_waiting(found)
+                reason, next_check = found, time.monotonic() + _CONSUMER_CHECK_S
+            elif record.state is not JobState.QUEUED:
+                reason = None
             if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeoutError(f"job {self.job_id} is still {record.state.value} "
+                why = f": {reason}" if reason else ""
+                raise JobTimeoutError(f"job {self.job_id} is still {record.state.value}{why} "
                                       f"(phase {record.phase or '-'}) after {timeout:g}s")
             sleep = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
             time.sleep(sleep)
             delay = min(delay * 2, poll_interval)
 
     def result(self) -> Any:
-        """The optimized program: a fresh program from the job's ref, loaded from the saved DSPy JSON."""
+        """The optimized program, read from the job database: a fresh program from the job's ref
+        with the stored DSPy state loaded, so any machine that reaches the database gets it.
+
+        Jobs finished before programs were kept in the database fall back to the coordinator's
+        file (``program_path``), which must then be on this machine.
+        """
         from dmipro.jobs.spec import JobSpec
         from dmipro.refs import ensure_importable, trusted_code_paths
 
@@ -263,14 +354,21 @@ class JobHandle:
             detail = f": {record.error}" if record.error else ""
             raise OptimizationError(f"job {self.job_id} is {record.state.value}{detail}; a result exists "
                                     "only for a succeeded job")
+        ensure_importable(trusted_code_paths())
+        program_id = (record.result or {}).get("program_id")
+        if program_id:
+            from dmipro.storage.database import DatabaseProgramStore
+            from dmipro.storage.program import build_program as build_stored
+
+            url = self._store.engine.url.render_as_string(hide_password=False)
+            return build_stored(DatabaseProgramStore(url).load(program_id))
         path = (record.result or {}).get("program_path")
         if not path:
-            raise StorageError(f"job {self.job_id} succeeded but recorded no program_path")
+            raise StorageError(f"job {self.job_id} succeeded but recorded no program")
         if not Path(path).is_file():
             raise StorageError(f"the program of job {self.job_id} was saved at {path}, which is not on this "
-                               "machine; give workers and clients a shared DMIPRO_HOME, or load it from the "
-                               "registry")
-        ensure_importable(trusted_code_paths())
+                               "machine, and the job database holds no copy (it finished before programs "
+                               "were kept there); load it from the registry")
         spec = JobSpec.model_validate(record.spec)
         program = build_program(spec.program)
         try:
@@ -303,9 +401,11 @@ def status(job_id: str) -> dict[str, Any]:
     return JobHandle(job_id).status()
 
 
-def wait(job_id: str, timeout: float | None = None) -> dict[str, Any]:
+def wait(
+    job_id: str, timeout: float | None = None, *, on_waiting: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Wait for job ``job_id`` to finish (see :meth:`JobHandle.wait`)."""
-    return JobHandle(job_id).wait(timeout)
+    return JobHandle(job_id).wait(timeout, on_waiting=on_waiting)
 
 
 def cancel(job_id: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ JSON with ``--json``, and exits 2 with ``error: ...`` on stderr for a dmipro err
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +31,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of te
 
 
 def _echo_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    from dmipro._cli_util import write_json
+
+    write_json(value, indent=2)
 
 
 def _score(value: float | None) -> str:
@@ -211,7 +212,10 @@ def export_command(
     ref: Annotated[str, typer.Argument(metavar="NAME[@V]", help="A name (its deployed version) or NAME@V.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The JSON file to write.")],
 ) -> None:
-    """Write one registered version to a JSON file (metadata, DSPy program, history)."""
+    """Write one registered version as DSPy's own program file (plain program.load reads it).
+
+    dmipro's metadata and trial history go inside DSPy's ``metadata`` object, under ``dmipro``.
+    """
     from dmipro.storage.files import export_program
 
     reg = Registry()
@@ -222,7 +226,7 @@ def export_command(
 
 @cli_errors
 def import_command(
-    path: Annotated[Path, typer.Argument(help="A dmipro export, or a JSON file from DSPy's program.save().")],
+    path: Annotated[Path, typer.Argument(help="A dmipro export (any version), or a program.save() file.")],
     name: Annotated[str, typer.Option("--name", help="The registry name to add it under.")],
     program: Annotated[
         str | None,

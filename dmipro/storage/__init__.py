@@ -23,9 +23,17 @@ from dmipro.storage.program import (
     program_state,
     state_bytes,
 )
-from dmipro.storage.record import FORMAT, MAX_DOCUMENT_BYTES, ProgramMetadata, ProgramRecord, dmipro_version
+from dmipro.storage.record import (
+    DSPY_FORMAT,
+    FORMAT,
+    MAX_DOCUMENT_BYTES,
+    ProgramMetadata,
+    ProgramRecord,
+    dmipro_version,
+)
 
 __all__ = [
+    "DSPY_FORMAT",
     "FORMAT",
     "MAX_DOCUMENT_BYTES",
     "DatabaseProgramStore",

@@ -1,7 +1,10 @@
 """Exporting one program to a JSON file and importing one back.
 
-An export is a ``dmipro.program/v1`` document. An import also accepts the file DSPy's own
-``program.save("x.json")`` writes, given the program reference that rebuilds the module.
+An export is DSPy's own program file (what ``program.save("x.json")`` writes, so plain
+``program.load(path)`` reads it) with dmipro's metadata and history under
+``metadata.dmipro``. An import accepts that, dmipro's earlier ``dmipro.program/v1``
+documents, and the file DSPy's own ``program.save`` writes, given the program reference
+that rebuilds the module.
 Nothing is ever unpickled: ``.pkl`` files and DSPy's ``save_program=True`` directories are
 refused. Every check (size, JSON, shape, reference allowlist, signature fields) runs before
 the caller writes anything.
@@ -22,12 +25,14 @@ from dmipro.events import bus
 from dmipro.storage.directory import atomic_write
 from dmipro.storage.program import build_program, check_signatures, instantiate, predictor_signatures
 from dmipro.storage.record import (
+    DSPY_FORMAT,
     FORMAT,
     MAX_DOCUMENT_BYTES,
     ProgramMetadata,
     ProgramRecord,
     check_program_state,
     dmipro_version,
+    is_dspy_export,
 )
 
 __all__ = ["export_program", "read_program_file", "record_from_dspy_state"]
@@ -36,10 +41,10 @@ _PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pck", ".cloudpickle", ".jobli
 
 
 def export_program(record: ProgramRecord, path: Path | str) -> Path:
-    """Write ``record`` as one ``dmipro.program/v1`` JSON file (atomically) and return the path."""
+    """Write ``record`` as DSPy's program JSON with dmipro's part inside (atomically); return the path."""
     path = Path(path)
     try:
-        atomic_write(path, record.to_bytes())
+        atomic_write(path, record.to_dspy_bytes())
     except OSError as exc:
         err = StorageError(f"cannot write {path}: {exc.strerror or exc}")
         bus.emit("dspy.storage.error", operation="export", path=str(path), error=str(err))
@@ -104,7 +109,7 @@ def _read(path: Path, program_ref: str | None) -> ProgramRecord:
     if not isinstance(document, dict):
         raise DecodeError(f"{path}: expected a JSON object, got {type(document).__name__}")
     try:
-        if "format" in document:
+        if "format" in document or is_dspy_export(document):
             return ProgramRecord.from_json(document, program_ref=program_ref)
         if "metadata" in document:
             if program_ref is None:
@@ -115,7 +120,9 @@ def _read(path: Path, program_ref: str | None) -> ProgramRecord:
             return record_from_dspy_state(document, program_ref=program_ref)
     except DecodeError as exc:
         raise DecodeError(f"{path}: {exc}") from None
-    raise DecodeError(f"{path} is neither a {FORMAT} document nor a DSPy program file")
+    raise DecodeError(
+        f"{path} is neither a dmipro export ({DSPY_FORMAT} or {FORMAT}) nor a DSPy program file"
+    )
 
 
 def record_from_dspy_state(state: Mapping[str, Any], *, program_ref: str) -> ProgramRecord:

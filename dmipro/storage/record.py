@@ -1,12 +1,19 @@
 """The stored form of an optimized program: DSPy's JSON, its metadata and the run's history.
 
-A :class:`ProgramRecord` is a frozen value object; ``to_json()`` gives the export document
+A :class:`ProgramRecord` is a frozen value object. ``to_dspy_json()`` gives the export
+file: exactly what ``program.save("x.json")`` writes, with dmipro's metadata and history
+inside DSPy's own ``metadata`` object, which DSPy's ``program.load(path)`` ignores::
+
+    {"predict": {...}, "metadata": {"dependency_versions": {...},
+                                    "dmipro": {"format": "dmipro.program/v2", "metadata": {...},
+                                               "history": [...]}}}
+
+``to_json()`` gives the stored form (and dmipro's earlier export format)
 
     {"format": "dmipro.program/v1", "metadata": {...}, "program": <DSPy JSON>, "history": [...]}
 
-and ``from_json()`` reads one back, raising :class:`~dmipro.errors.DecodeError` for
-anything that is not exactly that shape. ``program`` is the dict ``program.save("x.json")``
-writes, so plain DSPy loads it with ``program.load(path)``.
+``from_json()`` reads either back, raising :class:`~dmipro.errors.DecodeError` for
+anything that is not exactly one of those shapes.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ if TYPE_CHECKING:
     import dspy
 
 __all__ = [
+    "DSPY_FORMAT",
     "FORMAT",
     "MAX_DOCUMENT_BYTES",
     "ProgramMetadata",
@@ -42,7 +50,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "dmipro.program/v1"
-"""Format marker of an exported program document."""
+"""Format marker of a stored program document (and of dmipro's earlier export files)."""
+
+DSPY_FORMAT = "dmipro.program/v2"
+"""Format marker of an export: DSPy's own program file, dmipro's part under ``metadata.dmipro``."""
+
+_DSPY_KEYS = frozenset({"format", "metadata", "history"})
 
 MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
 """Largest program document read from a file or a store (32 MiB)."""
@@ -303,8 +316,25 @@ class ProgramRecord(BaseModel):
         }
 
     def to_bytes(self) -> bytes:
-        """The export document as indented JSON bytes."""
+        """The stored document as indented JSON bytes."""
         return orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+
+    def to_dspy_json(self) -> dict[str, Any]:
+        """The export file: DSPy's ``program.save()`` JSON, dmipro's part in ``metadata.dmipro``."""
+        document = dict(self.program)
+        document["metadata"] = {
+            **dict(document.get("metadata") or {}),
+            "dmipro": {
+                "format": DSPY_FORMAT,
+                "metadata": self.metadata.model_dump(mode="json"),
+                "history": self.history,
+            },
+        }
+        return document
+
+    def to_dspy_bytes(self) -> bytes:
+        """The export file as indented JSON bytes (what ``program.save()`` writes, plus dmipro's part)."""
+        return orjson.dumps(self.to_dspy_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
 
     @classmethod
     def from_json(cls, document: Any, *, program_ref: str | None = None) -> ProgramRecord:
@@ -315,6 +345,7 @@ class ProgramRecord(BaseModel):
         """
         if not isinstance(document, Mapping):
             raise DecodeError(f"a program document must be a JSON object, got {type(document).__name__}")
+        document = unwrap_dspy_export(document)
         marker = document.get("format")
         if marker != FORMAT:
             raise DecodeError(f"unsupported program format {marker!r}; expected {FORMAT!r}")
@@ -345,6 +376,36 @@ class ProgramRecord(BaseModel):
         except orjson.JSONDecodeError as exc:
             raise DecodeError(f"program document is not JSON ({exc})") from None
         return cls.from_json(document, program_ref=program_ref)
+
+
+def is_dspy_export(document: Mapping[str, Any]) -> bool:
+    """Whether ``document`` is a DSPy program file carrying dmipro's part (an export)."""
+    metadata = document.get("metadata")
+    return "format" not in document and isinstance(metadata, Mapping) and "dmipro" in metadata
+
+
+def unwrap_dspy_export(document: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An export file in the stored shape (``format``, ``metadata``, ``program``, ``history``).
+
+    Anything that is not an export is returned as it is.
+    """
+    if not is_dspy_export(document):
+        return document
+    part = document["metadata"]["dmipro"]
+    if not isinstance(part, Mapping):
+        raise DecodeError("metadata.dmipro must be a JSON object")
+    if part.get("format") != DSPY_FORMAT:
+        raise DecodeError(f"unsupported program format {part.get('format')!r}; expected {DSPY_FORMAT!r}")
+    unknown = sorted(set(part) - _DSPY_KEYS)
+    if unknown:
+        raise DecodeError(f"unknown keys in metadata.dmipro: {', '.join(map(str, unknown))}")
+    dspy_metadata = {k: v for k, v in document["metadata"].items() if k != "dmipro"}
+    return {
+        "format": FORMAT,
+        "metadata": part.get("metadata"),
+        "program": {**document, "metadata": dspy_metadata},
+        "history": part.get("history", []),
+    }
 
 
 def _first_error(exc: ValidationError) -> str:

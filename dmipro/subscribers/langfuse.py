@@ -141,7 +141,8 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
     Thread-safe: events arrive on the coordinator's thread, LM calls on task threads.
     """
 
-    patterns = ("dspy.optimization.*", "dspy.evaluation.*", "dspy.registry.*", "dspy.signature.*")
+    patterns = ("dspy.optimization.*", "dspy.evaluation.*", "dspy.registry.*", "dspy.signature.*",
+                "dspy.ab.*", "dspy.langfuse.*")
 
     def __init__(self, client: Any, *, capture_text: bool = False, public_key: str | None = None) -> None:
         self.client = client
@@ -209,6 +210,9 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
         name, data, job = event.name, dict(event.data), event.job_id
         if name.startswith("dspy.registry.") or name.startswith("dspy.signature."):
             self._registry_event(event)
+            return
+        if name.startswith("dspy.ab.") or name.startswith("dspy.langfuse."):
+            self._ab_event(event)
             return
         if job is None:
             return
@@ -349,6 +353,60 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
             update.update(level="ERROR", status_message=f"{call.error_type}: {call.error}")
         state.update(**update)
         state.end(end_time=call.end_ns)
+
+    # -- A/B ----------------------------------------------------------------------------
+    def _ab_event(self, event: Event) -> None:
+        """Outcomes, decisions, regressions and offline comparisons as scores tagged with experiment, arm.
+
+        One trace per experiment (``ab:<experiment>``), per monitored program
+        (``ab:monitor:<program>``) and per offline pair; each score's metadata names the
+        registry version and the Langfuse prompt label (``v<version>``) the registry pushed.
+        """
+        data = dict(event.data)
+        program = str(data.get("program") or "")
+        if event.name == "dspy.ab.outcome" and isinstance(data.get("value"), int | float):
+            experiment = data.get("experiment")
+            tid = trace_id(f"ab:{experiment}" if experiment else f"ab:monitor:{program}")
+            version = data.get("version")
+            self.client.create_score(
+                name=str(data.get("metric") or "outcome"), value=float(data["value"]), trace_id=tid,
+                data_type="NUMERIC",
+                comment=f"{experiment or 'production'} / {data.get('arm')}: {program}@{version}",
+                # The registry pushes each version as prompt(s) named after the program, labelled v<N>.
+                metadata={"experiment": experiment, "arm": data.get("arm"), "program": program,
+                          "version": version, "prompt_name": program, "prompt_label": f"v{version}"})
+        elif event.name == "dspy.ab.decision" and isinstance(data.get("lift"), int | float):
+            experiment = str(data.get("experiment"))
+            self.client.create_score(
+                name="ab_lift", value=float(data["lift"]), trace_id=trace_id(f"ab:{experiment}"),
+                data_type="NUMERIC",
+                comment=f"decision {data.get('decision')}: {program}@{data.get('treatment_version')} vs "
+                        f"@{data.get('control_version')}, p={data.get('p_value')}",
+                metadata={"experiment": experiment, "decision": data.get("decision"),
+                          "ci_low": data.get("lift_ci_low"), "ci_high": data.get("lift_ci_high")})
+        elif event.name == "dspy.ab.regression" and isinstance(data.get("diff"), int | float):
+            self.client.create_score(
+                name="ab_regression", value=float(data["diff"]), trace_id=trace_id(f"ab:monitor:{program}"),
+                data_type="NUMERIC",
+                comment=f"{data.get('spec')} regressed ({data.get('action')}), p={data.get('p_value')}",
+                metadata={"program": program, "version": data.get("version"), "action": data.get("action"),
+                          "prompt_label": f"v{data.get('version')}"})
+        elif event.name == "dspy.langfuse.comparison_logged":
+            a, b = data.get("a") or {}, data.get("b") or {}
+            tid = trace_id(f"ab:offline:{a.get('version')}:{b.get('version')}:{data.get('split')}")
+            comment = (f"{a.get('version')} {a.get('score')} vs {b.get('version')} {b.get('score')} "
+                       f"on {data.get('n')} {data.get('split')} examples, "
+                       f"{data.get('test')} p={data.get('p_value')}")
+            for name, value in (("offline_a_score", a.get("score")), ("offline_b_score", b.get("score")),
+                                ("offline_diff", data.get("diff"))):
+                if isinstance(value, int | float):
+                    meta = {"a": a.get("version"), "b": b.get("version"), "better": data.get("better")}
+                    self.client.create_score(name=name, value=float(value), trace_id=tid,
+                                             data_type="NUMERIC", comment=comment, metadata=meta)
+        else:
+            return
+        if event.name != "dspy.ab.outcome":  # outcomes are many: the SDK batches them; the rest go now
+            threading.Thread(target=self._flush_quietly, name="dmipro-langfuse-flush", daemon=True).start()
 
     # -- registry -----------------------------------------------------------------------
     def _registry_event(self, event: Event) -> None:

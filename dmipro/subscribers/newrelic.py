@@ -12,7 +12,9 @@ transaction and on any thread:
 
 - custom events ``OptimizationRun`` (one per finished or failed run: scores, trials,
   LM calls, tokens, cost, wall time), ``OptimizationTrial`` (one per trial: kind, score,
-  duration) and ``SignatureDeployed`` (deploys and rollbacks);
+  duration), ``SignatureDeployed`` (deploys and rollbacks), ``ABDecision``,
+  ``ABRegression`` (the production loop's alert) and ``ABComparison`` (offline);
+- per A/B arm, ``Custom/dmipro/ab/<experiment>/<arm>/value`` and ``.../latency_ms``;
 - custom metrics ``Custom/dmipro/trial/score``, ``Custom/dmipro/trial/duration``,
   ``Custom/dmipro/run/best_score``, ``Custom/dmipro/run/duration`` and per LM call
   ``Custom/dmipro/lm/calls``, ``.../lm/tokens/input``, ``.../lm/tokens/output``,
@@ -53,7 +55,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METRIC_PREFIX = "Custom/dmipro"
-EVENT_TYPES = ("OptimizationRun", "OptimizationTrial", "SignatureDeployed")
+EVENT_TYPES = ("OptimizationRun", "OptimizationTrial", "SignatureDeployed", "ABDecision", "ABRegression",
+               "ABComparison")
 _MAX_VALUE = 255  # the agent's default limit on a custom event attribute's length
 
 
@@ -100,7 +103,9 @@ def _attrs(data: dict[str, Any]) -> dict[str, Any]:
 class NewRelicSubscriber(Subscriber, LMCallListener):
     """Records dmipro events and LM calls into a New Relic application; see the module docstring."""
 
-    patterns = ("dspy.optimization.*", "dspy.evaluation.start", "dspy.signature.deployed")
+    patterns = ("dspy.optimization.*", "dspy.evaluation.start", "dspy.signature.deployed",
+                "dspy.ab.outcome", "dspy.ab.decision", "dspy.ab.regression",
+                "dspy.langfuse.comparison_logged")
 
     def __init__(self, application: Any) -> None:
         self.application = application
@@ -152,6 +157,26 @@ class NewRelicSubscriber(Subscriber, LMCallListener):
             self._forget(event.job_id)
             self._event("OptimizationRun", {"job_id": event.job_id, "status": "failed",
                                             "error_type": data.get("error_type"), "error": data.get("error")})
+        elif name == "dspy.ab.outcome":
+            arm = f"ab/{data.get('experiment') or data.get('program')}/{data.get('arm')}"
+            if isinstance(data.get("value"), int | float):
+                self._metric(f"{arm}/value", float(data["value"]))
+            if isinstance(data.get("latency_ms"), int | float):
+                self._metric(f"{arm}/latency_ms", float(data["latency_ms"]))
+        elif name == "dspy.ab.decision":
+            self._event("ABDecision", {k: data.get(k) for k in (
+                "experiment", "program", "decision", "lift", "lift_ci_low", "lift_ci_high", "p_value",
+                "units", "control_version", "treatment_version", "srm_p_value")})
+        elif name == "dspy.ab.regression":
+            self._event("ABRegression", {k: data.get(k) for k in (
+                "program", "version", "action", "rolled_back_to", "reference_mean", "recent_mean", "diff",
+                "p_value", "recent_n")})
+        elif name == "dspy.langfuse.comparison_logged":
+            a, b = data.get("a") or {}, data.get("b") or {}
+            self._event("ABComparison", {
+                "a": a.get("version"), "a_score": a.get("score"), "b": b.get("version"),
+                "b_score": b.get("score"), "diff": data.get("diff"), "p_value": data.get("p_value"),
+                "n": data.get("n"), "better": data.get("better"), "split": data.get("split")})
         elif name == "dspy.signature.deployed":
             self._event("SignatureDeployed", {
                 "name": data.get("name"), "version": data.get("version"),

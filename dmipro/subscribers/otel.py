@@ -17,7 +17,8 @@
   phase, run;
 - metrics through a meter provider (``OTEL_METRICS_EXPORTER``, same values): token
   usage and call duration per model, LM cost, trial duration and score, evaluation
-  examples and errors, run outcomes; and each dmipro event as a span event on the
+  examples and errors, run outcomes, broker queue depth (``dmipro.queue.depth``, see
+  ``_queues.py``); and each dmipro event as a span event on the
   current span.
 
 Every exporter is wrapped so that it scrubs secrets from what it sends and never
@@ -385,6 +386,38 @@ class _Instruments:
         self.run_score = meter.create_histogram(
             "dmipro.optimization.score", unit="1", description="Baseline and best score of finished runs"
         )
+        self.ab_outcomes = meter.create_counter(
+            "dmipro.ab.outcomes", unit="{outcome}", description="Recorded A/B outcomes, per experiment, arm"
+        )
+        self.ab_value = meter.create_histogram(
+            "dmipro.ab.value", unit="1", description="Recorded A/B outcome values, per experiment and arm"
+        )
+        self.ab_latency = meter.create_histogram(
+            "dmipro.ab.latency", unit="ms", description="Latency recorded with A/B outcomes, per arm"
+        )
+        self.ab_errors = meter.create_counter(
+            "dmipro.ab.errors", unit="{outcome}", description="A/B outcomes recorded as errors, per arm"
+        )
+        self.ab_decisions = meter.create_counter(
+            "dmipro.ab.decisions", unit="{decision}", description="A/B decisions reached"
+        )
+        self.ab_regressions = meter.create_counter(
+            "dmipro.ab.regressions", unit="{regression}", description="Regressions of deployed versions"
+        )
+        self.queue_depth = meter.create_observable_gauge(
+            "dmipro.queue.depth",
+            callbacks=[_observe_queues],
+            unit="{task}",
+            description="Tasks waiting on dmipro's broker queues (Celery and RQ on Redis)",
+        )
+
+
+def _observe_queues(_options: Any) -> list[Any]:
+    from opentelemetry.metrics import Observation
+
+    from dmipro.subscribers._queues import queue_depths
+
+    return [Observation(depth, attrs) for attrs, depth in queue_depths()]
 
 
 class OtelLMListener(LMCallListener):
@@ -481,13 +514,20 @@ class OtelSubscriber(Subscriber):
 
     patterns = ("dspy.*",)
 
-    def __init__(self, instruments: _Instruments | None) -> None:
+    def __init__(self, instruments: _Instruments | None, tracer: Any = None) -> None:
         self.instruments = instruments
+        self.tracer = tracer
         self._lock = threading.Lock()
         self._started: dict[tuple[str | None, int], float] = {}
 
     def on_event(self, event: Event) -> None:
-        self._span_event(event)
+        if event.name == "dspy.ab.regression":
+            self._alert(event)
+        else:
+            self._span_event(event)
+        if event.name.startswith("dspy.ab."):
+            self._ab_metrics(event)
+            return
         m = self.instruments
         if m is None:
             return
@@ -526,6 +566,42 @@ class OtelSubscriber(Subscriber):
         with self._lock:
             for key in [k for k in self._started if k[0] == job_id]:
                 del self._started[key]
+
+    def _ab_metrics(self, event: Event) -> None:
+        m = self.instruments
+        if m is None:
+            return
+        data = event.data
+        if event.name == "dspy.ab.outcome":
+            attrs = {"dmipro.ab.experiment": str(data.get("experiment") or ""),
+                     "dmipro.ab.arm": str(data.get("arm")),
+                     "dmipro.ab.program": str(data.get("program")),
+                     "dmipro.ab.version": int(data.get("version") or 0)}
+            m.ab_outcomes.add(1, attrs)
+            if isinstance(data.get("value"), int | float):
+                m.ab_value.record(float(data["value"]), attrs)
+            if isinstance(data.get("latency_ms"), int | float):
+                m.ab_latency.record(float(data["latency_ms"]), attrs)
+            if data.get("error"):
+                m.ab_errors.add(1, attrs)
+        elif event.name == "dspy.ab.decision":
+            m.ab_decisions.add(1, {"dmipro.ab.experiment": str(data.get("experiment")),
+                                   "dmipro.ab.decision": str(data.get("decision"))})
+        elif event.name == "dspy.ab.regression":
+            m.ab_regressions.add(1, {"dmipro.ab.program": str(data.get("program")),
+                                     "dmipro.ab.version": int(data.get("version") or 0),
+                                     "dmipro.ab.action": str(data.get("action"))})
+
+    def _alert(self, event: Event) -> None:
+        """A regression is an alert: a span of its own carrying the event, even outside any run."""
+        from opentelemetry import trace
+
+        if self.tracer is None or trace.get_current_span().is_recording():
+            self._span_event(event)
+            return
+        with self.tracer.start_as_current_span("dmipro.ab.regression",
+                                               attributes=flat_attributes(event.data, "dmipro.data")):
+            self._span_event(event)
 
     @staticmethod
     def _span_event(event: Event) -> None:
@@ -657,7 +733,7 @@ def enable(
     relay = _relay_for(provider)
     relay.processors = (*relay.processors, *processors)
     listener = OtelLMListener(provider.get_tracer(_SCOPE), instruments, capture_text=capture_text)
-    subscriber = OtelSubscriber(instruments)
+    subscriber = OtelSubscriber(instruments, provider.get_tracer(_SCOPE))
     callbacks.add_listener(listener, capture_text=capture_text or None)
     bus.add(subscriber)
     return OtelHandle(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dmipro.errors import DecodeError, DmiproError, TaskError
+from dmipro.executor_adapters.base import decode_payload
 
 TaskFn = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -45,12 +46,7 @@ def execute(name: str, body: str) -> dict[str, Any]:
     RefError); anything else becomes a :class:`TaskError` naming the original type.
     """
     fn = get_task(name)
-    try:
-        payload = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise DecodeError(f"task {name}: payload is not JSON ({exc})") from exc
-    if not isinstance(payload, dict):
-        raise DecodeError(f"task {name}: payload must be a JSON object")
+    payload = decode_payload(body, what=f"task {name}")
     from dmipro.observability import background_task
     from dmipro.tracing import attach, span
 

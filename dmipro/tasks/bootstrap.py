@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-from types import SimpleNamespace
 from typing import Any
 
 from dmipro.events import correlate
@@ -18,18 +17,50 @@ __all__ = ["bootstrap_demo_set"]
 log = logging.getLogger(__name__)
 
 
-def _quiet_bootstrap_module() -> None:
-    """Keep ``dspy.BootstrapFewShot`` off the terminal.
+def _quiet_bootstrap() -> Any:
+    """``dspy.BootstrapFewShot`` without its terminal output, as a subclass (no global patched).
 
-    It draws a tqdm bar and prints a summary per compile. Many compiles run at once on
+    Its ``_bootstrap`` draws a tqdm bar and prints a summary. Many compiles run at once on
     worker threads here: the bars deadlock on tqdm's shared write lock and the prints
-    would land in ``--json`` output. Its module globals are pointed at a pass-through
-    iterator and the debug log instead; the algorithm itself is untouched.
+    would land in ``--json`` output. This subclass runs the same loop (DSPy 3.4's, line
+    for line) and sends the summary to the debug log; DSPy's module is left as it is, so
+    a plain ``dspy.BootstrapFewShot`` elsewhere in the process still reports as usual.
     """
-    import dspy.teleprompt.bootstrap as module
+    global _QUIET
+    if _QUIET is not None:
+        return _QUIET
+    from dspy.teleprompt import BootstrapFewShot
 
-    module.tqdm = SimpleNamespace(tqdm=lambda iterable, *args, **kwargs: iterable)
-    module.print = lambda *args, **kwargs: log.debug(" ".join(str(a) for a in args))
+    class QuietBootstrapFewShot(BootstrapFewShot):  # type: ignore[misc]
+        def _bootstrap(self, *, max_bootstraps: int | None = None) -> None:
+            max_bootstraps = max_bootstraps or self.max_bootstrapped_demos
+            bootstrap_attempts = 0
+            bootstrapped: dict[int, bool] = {}
+            self.name2traces: dict[str, list[Any]] = {name: [] for name in self.name2predictor}
+            example_idx = 0
+            for example_idx, example in enumerate(self.trainset):
+                if len(bootstrapped) >= max_bootstraps:
+                    break
+                for round_idx in range(self.max_rounds):
+                    bootstrap_attempts += 1
+                    if self._bootstrap_one_example(example, round_idx):
+                        bootstrapped[example_idx] = True
+                        break
+            log.debug(
+                "bootstrapped %d full traces after %d examples for up to %d rounds, %d attempts",
+                len(bootstrapped),
+                example_idx,
+                self.max_rounds,
+                bootstrap_attempts,
+            )
+            self.validation = [x for idx, x in enumerate(self.trainset) if idx not in bootstrapped]
+            random.Random(0).shuffle(self.validation)
+
+    _QUIET = QuietBootstrapFewShot
+    return _QUIET
+
+
+_QUIET: Any = None
 
 
 @task("bootstrap_demo_set")
@@ -42,14 +73,12 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
     ``metric_threshold``, ``max_errors``), run on the job's trainset, shuffled by
     ``shuffle_seed`` for the shuffled sets.
     """
-    import dspy
-    from dspy.teleprompt import BootstrapFewShot, LabeledFewShot
+    from dspy.teleprompt import LabeledFewShot
 
-    _quiet_bootstrap_module()
     runtime = get_runtime(payload["job"])
     student = runtime.fresh_program()
     kind = payload["kind"]
-    with correlate(job_id=runtime.job_id), metered() as meter, dspy.context(lm=runtime.task_lm):
+    with correlate(job_id=runtime.job_id), metered() as meter, runtime.context(lm=runtime.task_lm):
         if kind == "zeroshot":
             program = student.reset_copy()
         elif kind == "labeled":
@@ -61,8 +90,9 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
             if payload.get("shuffle_seed") is not None:
                 random.Random(payload["shuffle_seed"]).shuffle(trainset)
             teacher = runtime.teacher_program()
-            program = BootstrapFewShot(
+            program = _quiet_bootstrap()(
                 metric=runtime.metric,
+                teacher_settings=runtime.teacher_settings,
                 metric_threshold=payload.get("metric_threshold"),
                 max_bootstrapped_demos=payload["max_bootstrapped"],
                 max_labeled_demos=payload["max_labeled"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from dmipro.events import correlate
@@ -11,6 +12,8 @@ from dmipro.tasks._registry import task
 
 __all__ = ["evaluate_chunk", "score_example"]
 
+log = logging.getLogger(__name__)
+
 
 def score_example(runtime: Any, program: Any, example: Any, failure_score: float) -> tuple[float, str | None]:
     """Run ``program`` on one example and score it; an exception scores ``failure_score``."""
@@ -18,6 +21,10 @@ def score_example(runtime: Any, program: Any, example: Any, failure_score: float
         prediction = program(**example.inputs())
         return float(runtime.metric(example, prediction)), None
     except Exception as exc:
+        import dspy
+
+        if dspy.settings.provide_traceback:  # as dspy.Evaluate(provide_traceback=True) reports it
+            log.error("error on example %s", dict(example.inputs()), exc_info=True)
         return failure_score, f"{type(exc).__name__}: {exc}"[:500]
 
 
@@ -27,8 +34,6 @@ def evaluate_chunk(payload: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``{"results": [{"id", "score", "error"}], "usage": {...}}``.
     """
-    import dspy
-
     runtime = get_runtime(payload["job"])
     examples = runtime.split(payload.get("split", "val"))
     program = runtime.program_for(payload.get("candidate"))
@@ -37,7 +42,7 @@ def evaluate_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     with (
         correlate(job_id=runtime.job_id, trial=payload.get("trial")),
         metered() as meter,
-        dspy.context(lm=runtime.task_lm, trace=None),
+        runtime.context(lm=runtime.task_lm, trace=None),
     ):
         for idx in payload["example_ids"]:
             score, error = score_example(runtime, program, examples[idx], failure)

@@ -25,7 +25,7 @@ def _predict(
     if seed is not None:
         overrides["rollout_id"] = seed
     lm = runtime.prompt_lm.copy(**overrides)
-    with correlate(job_id=runtime.job_id), metered() as meter, dspy.context(lm=lm):
+    with correlate(job_id=runtime.job_id), metered() as meter, runtime.context(lm=lm):
         prediction = dspy.Predict(signature)(**inputs)
     return prediction, meter.usage.to_json()
 

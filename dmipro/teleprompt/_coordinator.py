@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dmipro.db import database_gone
 from dmipro.errors import DmiproError, OptimizationError
 from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import bus, correlate
@@ -171,6 +172,8 @@ class Coordinator:
                     result = self._run(start)
                     self._save(result)
             except BaseException as exc:
+                if self.executor.remote and database_gone(exc):
+                    raise  # not the job's failure: its worker resumes it when the database is back
                 message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
                 ended = JobState.CANCELLED if self._cancelled() else JobState.FAILED
                 self.store.finish(self.job_id, ended, error=message)
@@ -242,7 +245,11 @@ class Coordinator:
             demo_sets=None if self.plan.zeroshot else n_sets,
         )
         url = self.store.engine.url.render_as_string(hide_password=False)
-        return Study(f"dmipro:{self.job_id}", url, seed=self.seed, space=shape)
+        spec = self.runtime.spec
+        attrs: dict[str, Any] = {"job": self.job_id, "program": spec.program, "metric": spec.metric}
+        attrs["lm"] = spec.lm.model
+        attrs["settings"] = self.opt.model_dump(mode="json")  # what optuna-dashboard shows an operator
+        return Study(f"dmipro:{self.job_id}", url, seed=self.seed, space=shape, attrs=attrs)
 
     def _ask_first_batch(self, study: Study) -> None:
         """Ask the baseline and the first batch of trials now, while phases 1 and 2 run.
@@ -535,13 +542,44 @@ class Coordinator:
             path = save_program_file(result.program, Path("programs", f"{self.job_id}.json"),
                                      root=get_settings().home)
         result.program_path = str(path)
+        if not self.runtime.in_process:  # in-process objects have no reference to rebuild them from
+            result.program_id = self._store_program(result)
         if self.runtime.spec.registration is not None and not self.runtime.in_process:
             result.registered = self._register(result)
+
+    def _record(self, result: OptimizationResult) -> Any:
+        from dmipro.storage import ProgramRecord
+
+        spec = self.runtime.spec
+        return ProgramRecord.from_program(
+            result.program,
+            program_ref=spec.program,
+            job_id=self.job_id,
+            optimizer=spec.optimizer.model_dump(mode="json"),
+            baseline_score=result.baseline_score,
+            best_score=result.best_score,
+            lm=spec.lm.model_dump(mode="json", exclude_none=True),
+            datasets=self.runtime.data_fingerprints(),
+            history=[{"trial": k, **v} for k, v in sorted(result.trial_logs.items())],
+        )
+
+    def _store_program(self, result: OptimizationResult) -> str:
+        """Save the best program in the job database's program store, once per job; its id.
+
+        The file under ``DMIPRO_HOME`` is on the coordinator's machine only; the database is
+        what every client of the job reaches (``JobHandle.result()`` reads it from there).
+        """
+        from dmipro.storage.database import DatabaseProgramStore
+
+        programs = DatabaseProgramStore(self.store.engine.url.render_as_string(hide_password=False))
+        saved = programs.list(job_id=self.job_id)
+        if saved:  # a resumed coordinator that saved it before it was stopped
+            return saved[0].id
+        return programs.save(self._record(result))
 
     def _register(self, result: OptimizationResult) -> dict[str, Any]:
         """Register the best program under the job's ``register.name``, once per job."""
         from dmipro.registry import Registry
-        from dmipro.storage import ProgramRecord
 
         spec = self.runtime.spec
         assert spec.registration is not None
@@ -554,18 +592,7 @@ class Coordinator:
         if existing:  # a resumed coordinator that registered before it was stopped
             info = existing[-1]
             return {"name": name, "version": info.version, "deployed": info.deployed}
-        record = ProgramRecord.from_program(
-            result.program,
-            program_ref=spec.program,
-            job_id=self.job_id,
-            optimizer=spec.optimizer.model_dump(mode="json"),
-            baseline_score=result.baseline_score,
-            best_score=result.best_score,
-            lm=spec.lm.model_dump(mode="json", exclude_none=True),
-            datasets=self.runtime.data_fingerprints(),
-            history=[{"trial": k, **v} for k, v in sorted(result.trial_logs.items())],
-        )
-        info = registry.register(name, record, deploy=spec.registration.deploy)
+        info = registry.register(name, self._record(result), deploy=spec.registration.deploy)
         return {"name": name, "version": info.version, "deployed": info.deployed}
 
     def _result(
@@ -618,4 +645,5 @@ class Coordinator:
             mb_candidate_programs=mb_candidate_programs,
             wall_s=time.perf_counter() - start,
             val_ids=list(self.plan.val_ids),
+            trial_candidates={n: space.candidate(e["params"]) for n, e in trial_logs.items()},
         )

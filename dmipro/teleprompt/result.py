@@ -65,9 +65,13 @@ class OptimizationResult:
     mb_candidate_programs: list[dict[str, Any]]
     wall_s: float
     program_path: str | None = None
+    program_id: str | None = None
+    """The program's id in the job database's program store (any machine with access loads it)."""
     registered: dict[str, Any] | None = None
     val_ids: list[int] = field(default_factory=list)
     """Indices of the validation examples the scores are computed on."""
+    trial_candidates: dict[int, Candidate] = field(default_factory=dict)
+    """Each logged trial's candidate, by trial number (kept in memory, not in the job row)."""
 
     @property
     def usage(self) -> Usage:
@@ -90,6 +94,7 @@ class OptimizationResult:
             "wall_s": round(self.wall_s, 3),
             "stop_reason": self.stop_reason,
             "program_path": self.program_path,
+            "program_id": self.program_id,
             "registered": self.registered,
         }
 

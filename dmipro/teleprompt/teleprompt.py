@@ -1,16 +1,20 @@
-"""The teleprompter base: one entry point, ``compile``."""
+"""The teleprompter base: DSPy's own ``Teleprompter``, so dmipro's optimizers fit where DSPy's do."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from dspy.teleprompt.teleprompt import Teleprompter as _DSPyTeleprompter
+
 __all__ = ["Teleprompter"]
 
 
-class Teleprompter:
-    """An optimizer of DSPy programs, with DSPy's ``compile`` signature.
+class Teleprompter(_DSPyTeleprompter):  # type: ignore[misc]
+    """An optimizer of DSPy programs, with DSPy's ``compile`` signature and ``get_params()``.
 
-    Subclasses return an optimized ``dspy.Module``; the student is never modified.
+    It is a ``dspy.teleprompt.Teleprompter``, so DSPy's composite optimizers
+    (``dspy.BetterTogether(p=...)``) and compile callbacks accept it. Subclasses return an
+    optimized ``dspy.Module``; the student is never modified.
     """
 
     def compile(

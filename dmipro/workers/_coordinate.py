@@ -9,7 +9,9 @@ after its worker died, or submitted twice. :func:`run_coordinator` makes that sa
   the holder finishes it reports the result, when the holder's process died the lease
   expires and it takes over, resuming from the checkpoints and the Optuna study;
 - a coordinator that fails before the job row says so marks the job failed, so
-  ``status`` never shows a dead job as queued.
+  ``status`` never shows a dead job as queued;
+- a coordinator whose job database went away (a PostgreSQL restart) does not fail the
+  job: it waits for the database and resumes, at most :data:`DATABASE_RESUMES` times.
 
 The timing knobs are environment variables read here, once per process:
 ``DMIPRO_VISIBILITY_TIMEOUT`` (seconds before the Redis broker redelivers a message a
@@ -19,7 +21,6 @@ timeout, at most 60 s).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -29,10 +30,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dmipro.db import database_gone
 from dmipro.errors import ConfigError, DecodeError, DmiproError
 from dmipro.jobs.store import JobRecord, JobState, JobStore
 
 __all__ = [
+    "DATABASE_RESUMES",
     "DEFAULT_VISIBILITY_TIMEOUT",
     "SUMMARY_KEYS",
     "job_summary",
@@ -50,6 +53,9 @@ Live Celery workers extend it for every message they hold (see ``celery_app``), 
 long LM task or a coordinator running for hours is never redelivered while it runs;
 the value bounds how long a task of a dead worker waits before it runs elsewhere.
 """
+
+DATABASE_RESUMES = 3
+"""Times a coordinator resumes its job in place after the job database went away under it."""
 
 SUMMARY_KEYS = (
     "job_id", "baseline_score", "best_score", "trials", "lm_calls", "tokens", "cost_usd", "wall_s",
@@ -130,17 +136,23 @@ def _job_lease(job_id: str, store: JobStore) -> Iterator[bool]:
         client.close()
 
 
-_RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
-          "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
+# Renew our lease; take it back when the key vanished (Redis restarted without its data),
+# so the reconciler never sees a running job as unleased. Someone else's lease is not ours.
+_RENEW = ("local v = redis.call('get', KEYS[1]) "
+          "if v == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end "
+          "if not v then redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2]) return 2 end return 0")
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def _renew(client: Any, key: str, token: str, ttl: float, stop: threading.Event) -> None:
     while not stop.wait(ttl / 3):
         try:
-            if not client.eval(_RENEW, 1, key, token, int(ttl * 1000)):
+            renewed = client.eval(_RENEW, 1, key, token, int(ttl * 1000))
+            if not renewed:
                 log.error("lost the lease %s: another coordinator may run this job now", key)
                 return
+            if renewed == 2:
+                log.warning("the lease %s had vanished from Redis (restarted?); took it back", key)
         except Exception as exc:  # Redis away for a moment: try again next beat
             log.warning("renewing lease %s failed: %s", key, exc)
 
@@ -159,13 +171,13 @@ def run_coordinator(body: str, *, backend: str,
     ``body`` is the task's JSON payload (``job_id``, optional ``executor``); work tasks go
     to ``executor``, by default ``backend``. Returns :func:`job_summary` of the job.
     """
+    from dmipro.executor_adapters.base import decode_payload
     from dmipro.teleprompt.mipro import run_job
 
-    try:
-        payload = json.loads(body)
-        job_id = str(payload["job_id"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DecodeError(f"optimize payload must be a JSON object with job_id: {exc}") from exc
+    payload = decode_payload(body, what="optimize")
+    if not isinstance(payload.get("job_id"), str) or not payload["job_id"]:
+        raise DecodeError("optimize payload must be a JSON object with a job_id string")
+    job_id = payload["job_id"]
     executor = payload.get("executor") or backend
     store = JobStore()
     if store.get(job_id).state.finished:
@@ -174,12 +186,21 @@ def run_coordinator(body: str, *, backend: str,
         record = store.get(job_id)
         if not held or record.state.finished:
             return job_summary(record)
-        try:
-            run_job(job_id, executor=executor, on_progress=on_progress, store=store)
-        except Exception as exc:
-            current = store.find(job_id)
-            if current is not None and not current.state.finished:
-                message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
-                store.finish(job_id, JobState.FAILED, error=message)
-            raise
+        for attempt in range(1, DATABASE_RESUMES + 2):
+            try:
+                run_job(job_id, executor=executor, on_progress=on_progress, store=store)
+                break
+            except Exception as exc:
+                if database_gone(exc) and attempt <= DATABASE_RESUMES:
+                    # The database restarted under the coordinator: once it answers again, resume
+                    # from the checkpoints and the study, as a redelivered coordinator would.
+                    log.warning("job %s: the job database went away (%s: %s); resuming when it is back "
+                                "(%d/%d)", job_id, type(exc).__name__, exc, attempt, DATABASE_RESUMES)
+                    store.find(job_id)  # waits for the database (see dmipro.db.patient_connects)
+                    continue
+                current = store.find(job_id)
+                if current is not None and not current.state.finished:
+                    message = str(exc) if isinstance(exc, DmiproError) else f"{type(exc).__name__}: {exc}"
+                    store.finish(job_id, JobState.FAILED, error=message)
+                raise
     return job_summary(store.get(job_id))

@@ -24,6 +24,9 @@ Configuration comes from dmipro's settings: ``DMIPRO_BROKER_URL`` and
   ``task_send_sent_event``), ``task_track_started``, and the coordinator reports its
   progress as task state ``PROGRESS`` with meta ``{phase, trials_done, trials_total,
   best_score, lm_calls, tokens, ...}``.
+- **No job left behind**: a worker consuming ``dmipro.coordinator`` runs the reconciler
+  (:mod:`dmipro.workers._reconcile`), which sends a job's coordinator again when its
+  message was lost (``DMIPRO_RECONCILE_INTERVAL``, ``DMIPRO_RECONCILE_GRACE``).
 
 Every task in :mod:`dmipro.tasks` is registered as ``dmipro.<name>`` by one generic
 wrapper that calls :func:`dmipro.tasks.execute` on the JSON payload (a string argument).
@@ -114,6 +117,11 @@ def _config(broker_url: str, result_backend: str) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": vt},
+        # A result that cannot be stored while Redis restarts is retried, not turned into a
+        # FAILURE of a task whose body succeeded (the coordinator would fail the job on it).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         "visibility_timeout": vt,
         "result_expires": RESULT_EXPIRES_S,
         "task_track_started": True,
@@ -335,6 +343,7 @@ class _DeliveryLeases:
 
 
 _leases: _DeliveryLeases | None = None
+_reconciler_stop = threading.Event()
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
@@ -344,13 +353,76 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     _leases = _DeliveryLeases(app)
     _leases.thread.start()
+    if COORDINATOR_QUEUE in app.amqp.queues.consume_from:
+        # Every coordinator worker re-sends jobs whose coordinator message was lost.
+        from dmipro.workers._reconcile import start_reconciler
+
+        start_reconciler("celery", _reconciler_stop)
 
 
 def _on_worker_shutdown(**_: Any) -> None:
+    _reconciler_stop.set()
     if _leases is not None:
         _leases.stop.set()
 
 
+def _survive_broker_restarts() -> None:
+    """Keep a worker alive when its Redis connection drops while it holds messages.
+
+    On a lost connection the consumer closes its channel, and kombu 5.7's Redis transport
+    then works on that channel through a connection that is already gone: restoring its
+    unacknowledged messages, and later acknowledging the tasks that were still running,
+    each raise ``AttributeError`` and end the whole worker ("Unrecoverable error"), with
+    the coordinators it runs. So, on a channel whose connection is gone:
+
+    - the restore is skipped: the messages stay in Redis's unacknowledged set (this worker
+      keeps extending the ones it still runs, the sweep brings back the others after the
+      visibility timeout), or they went with a restarted Redis and the executor and the
+      reconciler send them again — restoring them would run live tasks twice;
+    - acknowledgements go through a fresh connection to the broker, so a task that
+      finished is not redelivered.
+    """
+    from contextlib import contextmanager
+
+    from kombu.transport import redis as kombu_redis
+
+    original_restore: Any = kombu_redis.QoS.restore_unacked
+    original_conn: Any = kombu_redis.Channel.conn_or_acquire
+    if getattr(original_restore, "_dmipro", False):
+        return
+
+    def gone(channel: Any) -> bool:
+        return getattr(getattr(channel, "connection", None), "client", None) is None
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        if client is None and gone(self.channel):
+            log.warning("the broker connection dropped; %d unacknowledged message(s) stay in Redis for "
+                        "redelivery", len(self._delivered))
+            return None
+        return original_restore(self, client)
+
+    @contextmanager
+    def conn_or_acquire(self: Any, client: Any = None) -> Any:
+        if client is None and gone(self):
+            import redis
+
+            from dmipro.config import get_settings
+
+            fresh = redis.Redis.from_url(get_settings().broker_url)
+            try:
+                yield fresh
+            finally:
+                fresh.close()
+            return
+        with original_conn(self, client) as conn:
+            yield conn
+
+    restore_unacked._dmipro = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+    kombu_redis.Channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
+
+
+_survive_broker_restarts()
 signals.worker_process_init.connect(_on_worker_process_init, weak=False)
 signals.worker_init.connect(_on_worker_init, weak=False)
 signals.worker_ready.connect(_on_worker_ready, weak=False)

@@ -7,8 +7,7 @@ The ``dmipro`` app mounts them: ``dmipro worker celery|rq``, ``dmipro submit``,
 
 from __future__ import annotations
 
-import json
-import sys
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +31,9 @@ JobIdArg = Annotated[str, typer.Argument(help="The job id submit printed.", show
 
 
 def _emit(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    from dmipro._cli_util import write_json
+
+    write_json(data)
 
 
 def _show(report: dict[str, Any], as_json: bool) -> None:
@@ -43,7 +44,8 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
 
 
 def _describe(report: dict[str, Any]) -> str:
-    parts = [f"{report['job_id']}: {report['state']}"]
+    state = report["state"] + (f": {report['waiting']}" if report.get("waiting") else "")
+    parts = [f"{report['job_id']}: {state}"]
     if report.get("state") == "stale":
         parts.append(f"no coordinator heartbeat for {report.get('heartbeat_age_s')}s")
     if report.get("phase"):
@@ -68,9 +70,16 @@ def worker_celery(
     pool: Annotated[str, typer.Option(help="threads | prefork | solo (threads suit I/O-bound LM calls).")] =
         "threads",
     loglevel: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
-    hostname: Annotated[str | None, typer.Option(help="Worker name (default: celery@<host>).")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Worker name (default: dmipro-<pid>@<host>).")] = None,
 ) -> None:
-    """Run a Celery worker on the dmipro queues (broker: DMIPRO_BROKER_URL)."""
+    """Run a Celery worker on the dmipro queues (broker: DMIPRO_BROKER_URL).
+
+    A worker on dmipro.coordinator also runs the reconciler: when it starts
+    and every DMIPRO_RECONCILE_INTERVAL seconds (default 60, 0: off) it
+    sends a queued or running job's coordinator again when its message is
+    gone (not in the queue, not held by a live worker, no lease) and the
+    job row has not changed for DMIPRO_RECONCILE_GRACE seconds (default 60).
+    """
     from dmipro.refs import ensure_importable, trusted_code_paths
     from dmipro.workers.celery_app import get_app
 
@@ -79,8 +88,9 @@ def worker_celery(
     ensure_importable(trusted_code_paths())
     argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}",
             f"--loglevel={loglevel}", "--task-events"]
-    if hostname:
-        argv.append(f"--hostname={hostname}")
+    # Unique by default: two workers named alike on one host merge their replies to a broadcast,
+    # so `dmipro status` could not tell whether any of them consumes dmipro.coordinator.
+    argv.append(f"--hostname={hostname or f'dmipro-{os.getpid()}@%h'}")
     get_app().worker_main(argv)
 
 
@@ -93,7 +103,27 @@ def worker_rq(
     workers: Annotated[int, typer.Option(help="Worker processes (each runs one task at a time).")] = 1,
     loglevel: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
 ) -> None:
-    """Run RQ workers on the dmipro queues (Redis: DMIPRO_BROKER_URL)."""
+    """Run RQ workers on the dmipro queues (Redis: DMIPRO_BROKER_URL).
+
+    A job needs two processes. A coordinator worker holds its process for a whole job:
+
+        dmipro worker rq --queues dmipro.coordinator
+
+    and one or more work workers run the LM tasks:
+
+        dmipro worker rq --queues dmipro.work --workers 8
+
+    Without --queues only dmipro.work is consumed: a submitted job then stays queued,
+    and `dmipro status` says "queued: no worker consumes dmipro.coordinator".
+
+    Workers keep a short-lived key in Redis, so the tasks of a worker that
+    dies are sent again within seconds. A worker on dmipro.coordinator also
+    runs the reconciler: when it starts and every DMIPRO_RECONCILE_INTERVAL
+    seconds (default 60, 0: off) it sends a queued or running job's
+    coordinator again when its message is gone (not in the queue, not held
+    by a live worker, no lease) and the job row has not changed for
+    DMIPRO_RECONCILE_GRACE seconds (default 60).
+    """
     from dmipro.workers.rq_worker import run_worker
 
     run_worker(queues.split(","), burst=burst, workers=workers, loglevel=loglevel)
@@ -133,7 +163,10 @@ def wait_cmd(
     """Wait for a job to finish; exit 0 if it succeeded, 1 if it failed or was cancelled."""
     from dmipro.jobs.submit import wait
 
-    report = wait(job_id, timeout)
+    def waiting(reason: str) -> None:  # on stderr: stdout stays the final report
+        typer.echo(f"{job_id}: queued: {reason}", err=True)
+
+    report = wait(job_id, timeout, on_waiting=waiting)
     _show(report, as_json)
     if report["state"] != "succeeded":
         raise typer.Exit(1)

@@ -232,6 +232,7 @@ class DmiproWorker(SimpleWorker):
 def make_worker(queues: Sequence[str], *, connection: Redis | None = None,
                 name: str | None = None) -> DmiproWorker:
     """A worker for ``queues`` (in priority order) using the JSON serializer."""
+
     connection = connection or redis_connection()
     qs = [Queue(q, connection=connection, serializer=JSONSerializer) for q in queues]
     return DmiproWorker(qs, connection=connection, serializer=JSONSerializer, name=name)

@@ -11,6 +11,7 @@ import pytest
 
 from dmipro.errors import DecodeError, DmiproError, StorageError
 from dmipro.storage import (
+    DSPY_FORMAT,
     FORMAT,
     MAX_DOCUMENT_BYTES,
     ProgramRecord,
@@ -24,15 +25,27 @@ REF = "examples.math_qa.program:build"
 
 
 def _export(tmp_path: Path) -> dict[str, Any]:
+    """A document in dmipro's earlier export format (still imported), for the hostile cases."""
     record = ProgramRecord.from_program(optimized(), program_ref=REF, best_score=80.0)
-    return json.loads(export_program(record, tmp_path / "export.json").read_bytes())
+    return record.to_json()
 
 
 def test_export_then_import_gives_the_same_record(tmp_path: Path) -> None:
     record = ProgramRecord.from_program(optimized(), program_ref=REF, best_score=80.0, history=[{"trial": 1}])
     path = export_program(record, tmp_path / "out" / "math_qa.json")
     document = json.loads(path.read_bytes())
-    assert list(document) == ["format", "metadata", "program", "history"] and document["format"] == FORMAT
+    # DSPy's own file: its top-level keys, dmipro's part inside DSPy's metadata object.
+    assert set(document) == {"predict", "metadata"}
+    assert document["metadata"]["dmipro"]["format"] == DSPY_FORMAT
+    assert "dependency_versions" in document["metadata"]
+    assert read_program_file(path) == record
+
+
+def test_an_earlier_export_still_imports(tmp_path: Path) -> None:
+    record = ProgramRecord.from_program(optimized(), program_ref=REF, best_score=80.0, history=[{"trial": 1}])
+    path = tmp_path / "v1.json"
+    path.write_bytes(record.to_bytes())
+    assert json.loads(path.read_bytes())["format"] == FORMAT
     assert read_program_file(path) == record
 
 
@@ -130,3 +143,22 @@ def test_huge_files_are_rejected_before_reading(tmp_path: Path) -> None:
 def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="cannot read"):
         read_program_file(tmp_path / "nope.json")
+
+
+def test_a_broken_dmipro_part_in_an_export_is_refused(tmp_path: Path) -> None:
+    record = ProgramRecord.from_program(optimized(), program_ref=REF, best_score=80.0)
+    good = record.to_dspy_json()
+    cases = {
+        "marker": (
+            dict(good["metadata"]["dmipro"], format="dmipro.program/v9"),
+            "unsupported program format",
+        ),
+        "extra key": (dict(good["metadata"]["dmipro"], payload="x"), "unknown keys in metadata.dmipro"),
+        "not an object": ("x", "metadata.dmipro must be a JSON object"),
+    }
+    for name, (part, pattern) in cases.items():
+        path = _write(
+            tmp_path, f"{name}.json", json.dumps(dict(good, metadata=dict(good["metadata"], dmipro=part)))
+        )
+        with pytest.raises(DecodeError, match=pattern):
+            read_program_file(path)
