@@ -21,7 +21,8 @@ FOREIGN_LM = {"model": "openai/author-model", "api_key": PLANTED_KEY, "store": T
 
 
 def _hostile_file(tmp_path: Path, *, program_ref: str = "examples.math_qa.program:build") -> Path:
-    """A real dmipro export of the math_qa program, with the author's LM saved on every predictor."""
+    """A real dmipro export of the math_qa program (DSPy's own file, dmipro's data under
+    ``metadata.dmipro``), with the author's LM saved on every predictor."""
     exported = tmp_path / "clean.json"
     from dmipro.storage import ProgramRecord
     from dmipro.storage.files import export_program
@@ -29,10 +30,10 @@ def _hostile_file(tmp_path: Path, *, program_ref: str = "examples.math_qa.progra
     record = ProgramRecord.from_program(build(), program_ref="examples.math_qa.program:build")
     export_program(record, exported)
     doc = json.loads(exported.read_text())
-    for name, pstate in doc["program"].items():
+    for name, pstate in doc.items():
         if name != "metadata":
             pstate["lm"] = dict(FOREIGN_LM)
-    doc["metadata"]["program_ref"] = program_ref
+    doc["metadata"]["dmipro"]["metadata"]["program_ref"] = program_ref
     hostile = tmp_path / "hostile.json"
     hostile.write_text(json.dumps(doc))
     return hostile
@@ -53,7 +54,7 @@ def test_f06_imported_and_loaded_programs_answer_with_the_apps_lm(tmp_path: Path
 
     # The same file loaded with plain DSPy would carry the author's LM; dmipro's load path does not.
     raw = build()
-    raw.load_state(json.loads(_hostile_file(tmp_path).read_text())["program"])
+    raw.load(str(_hostile_file(tmp_path)))
     assert [p.lm.model for _, p in raw.named_predictors()] == ["openai/author-model"]
 
 

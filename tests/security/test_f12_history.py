@@ -20,7 +20,7 @@ def test_f12_a_huge_history_is_refused_and_loading_never_reads_the_history(tmp_p
     path = tmp_path / "big.json"
     export_program(ProgramRecord.from_program(build(), program_ref="examples.math_qa.program:build"), path)
     doc = json.loads(path.read_text())
-    doc["history"] = [{"trial": i, "score": 0.5} for i in range(400_000)]  # ~10 MB of tiny objects
+    doc["metadata"]["dmipro"]["history"] = [{"trial": i, "score": 0.5} for i in range(400_000)]  # ~10 MB
     path.write_text(json.dumps(doc))
     with pytest.raises(DecodeError, match="history has 400000 entries; at most 10000"):
         read_program_file(path)

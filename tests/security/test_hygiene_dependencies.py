@@ -10,9 +10,8 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# Declared for the CLI (`celery ... flower`), as the driver SQLAlchemy loads for postgresql+psycopg URLs,
-# or used by a branch merged next to this one (numpy).
-USED_WITHOUT_IMPORT = {"flower", "psycopg", "numpy"}
+# Declared for the CLI (`celery ... flower`), or as the driver SQLAlchemy loads for postgresql+psycopg URLs.
+USED_WITHOUT_IMPORT = {"flower", "psycopg"}
 
 
 def _imported() -> set[str]:
@@ -30,7 +29,7 @@ def _declared() -> set[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
     for extra, items in project["optional-dependencies"].items():
-        if extra not in ("dev", "all", "bench"):
+        if extra not in ("dev", "all"):
             reqs += items
     return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
 
