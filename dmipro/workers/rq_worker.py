@@ -35,10 +35,12 @@ from dmipro.errors import ConfigError
 
 try:
     from redis import Redis
-    from rq import Queue, SimpleWorker, get_current_job
+    from rq import Queue, get_current_job
     from rq.serializers import JSONSerializer
 except ImportError as _exc:  # pragma: no cover - depends on the installed extras
     raise ConfigError("the RQ executor needs the rq extra: pip install 'dmipro[rq]'") from _exc
+
+from dmipro.workers._rq_liveness import Worker as LiveWorker
 
 __all__ = [
     "COORDINATOR_TIMEOUT_S",
@@ -201,8 +203,9 @@ def refusal_reason(job: Any) -> str | None:
     return None
 
 
-class DmiproWorker(SimpleWorker):
-    """An RQ :class:`~rq.SimpleWorker` that runs only dmipro's two entry points.
+class DmiproWorker(LiveWorker):
+    """dmipro's RQ worker (:class:`~dmipro.workers._rq_liveness.Worker`, a ``SimpleWorker``
+    that keeps a short-lived key and reconciles) that runs only dmipro's two entry points.
 
     Any other job (a foreign function, callbacks, webhooks, undecodable data) is refused
     before anything it names is imported: logged at ERROR, marked failed with the reason,
