@@ -8,6 +8,8 @@
 #
 # Job database: DMIPRO_DATABASE_URL if set (PostgreSQL for workers on several machines),
 # else a SQLite file under the stack directory (allowed because every worker runs here).
+# Redis listens on 127.0.0.1 and requires a password: REDIS_PASSWORD if set, else a random
+# one kept in $DMIPRO_STACK_DIR/redis.password (mode 600); the printed environment carries it.
 # Flower listens on 127.0.0.1:$FLOWER_PORT with its API open (FLOWER_UNAUTHENTICATED_API):
 # set FLOWER_BASIC_AUTH=user:password before `start` to require a login instead.
 set -euo pipefail
@@ -20,8 +22,17 @@ REDIS_PORT=${REDIS_PORT:-6379}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 WORK_SLOTS=${WORK_SLOTS:-16}
 
-export DMIPRO_BROKER_URL=${DMIPRO_BROKER_URL:-redis://127.0.0.1:$REDIS_PORT/0}
-export DMIPRO_RESULT_BACKEND=${DMIPRO_RESULT_BACKEND:-redis://127.0.0.1:$REDIS_PORT/1}
+if [ -z "${REDIS_PASSWORD:-}" ]; then
+  mkdir -p "$STACK"
+  if [ ! -s "$STACK/redis.password" ]; then
+    (umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$STACK/redis.password")
+  fi
+  REDIS_PASSWORD=$(cat "$STACK/redis.password")
+fi
+export REDISCLI_AUTH=$REDIS_PASSWORD  # redis-cli reads it from here, not from its command line
+LOCAL_BROKER=redis://:$REDIS_PASSWORD@127.0.0.1:$REDIS_PORT/0
+export DMIPRO_BROKER_URL=${DMIPRO_BROKER_URL:-$LOCAL_BROKER}
+export DMIPRO_RESULT_BACKEND=${DMIPRO_RESULT_BACKEND:-redis://:$REDIS_PASSWORD@127.0.0.1:$REDIS_PORT/1}
 export DMIPRO_HOME=${DMIPRO_HOME:-$REPO/.dmipro}
 if [ -z "${DMIPRO_DATABASE_URL:-}" ]; then
   export DMIPRO_DATABASE_URL="sqlite:///$DMIPRO_HOME/dmipro.db"
@@ -58,8 +69,10 @@ wait_for_log() {  # name, text
 
 start() {
   mkdir -p "$STACK" "$DMIPRO_HOME"
-  if [ "$DMIPRO_BROKER_URL" = "redis://127.0.0.1:$REDIS_PORT/0" ] && ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
-    launch redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$STACK" --appendonly yes
+  if [ "$DMIPRO_BROKER_URL" = "$LOCAL_BROKER" ] && ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    # The password goes in a config file (mode 600), not on a command line `ps` shows.
+    (umask 077; printf 'requirepass "%s"\n' "$REDIS_PASSWORD" >"$STACK/redis.conf")
+    launch redis redis-server "$STACK/redis.conf" --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$STACK" --appendonly yes
     for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   fi
   local celery=("$PY" -m celery -A dmipro.workers.celery_app)

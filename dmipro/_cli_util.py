@@ -28,7 +28,9 @@ def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except DmiproError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            from dmipro.config import mask_passwords
+
+            typer.echo(f"error: {mask_passwords(str(exc))}", err=True)
             raise typer.Exit(2) from exc
 
     return wrapper

@@ -14,6 +14,7 @@ from dmipro.evaluation import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
 from dmipro.jobs import Job, JobStore, forget_runtime, load_job, new_job_id, register_runtime
 from dmipro.jobs.candidate import Candidate
+from dmipro.jobs.store import check_job_id
 from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
 from dmipro.teleprompt.result import OptimizationResult
 
@@ -108,6 +109,8 @@ def optimize(
     ``out`` (default ``$DMIPRO_HOME/programs/<job_id>.json``) and registered if the job
     has a ``register:`` block.
     """
+    if job_id is not None:
+        check_job_id(job_id)
     job = resolve_job(source)
     spec = job.spec
     run_id = job_id or new_job_id(spec.name)

@@ -323,8 +323,18 @@ def sim_serve(
     reject_key: Annotated[bool, typer.Option(help="Answer every completion 401 invalid_api_key.")] = False,
 ) -> None:
     """Serve the simulator as an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    import ipaddress
+
     from dmipro.lm.server import run_server
 
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        sys.stderr.write(f"warning: serving the simulator on {host}: anyone who can reach port {port} "
+                         "can use "
+                         "it (it has no auth); bind 127.0.0.1 unless other machines must reach it\n")
     console.print(f"simulated LM on http://{host}:{port}/v1 (models: sim-math, ...); Ctrl+C stops")
     run_server(
         host,
@@ -364,15 +374,17 @@ _mount()
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a DmiproError exits 2 with a one-line reason."""
     from dmipro._cli_util import json_stdout
-    from dmipro.refs import ensure_importable
+    from dmipro.refs import ensure_importable, trusted_code_paths
 
-    ensure_importable([Path.cwd()])
     args = sys.argv[1:] if argv is None else argv
     try:
+        ensure_importable(trusted_code_paths())
         with json_stdout("--json" in args):
             app(args=args, standalone_mode=True)
     except DmiproError as exc:
-        message = " ".join(str(exc).split())
+        from dmipro.config import mask_passwords
+
+        message = mask_passwords(" ".join(str(exc).split()))
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2) from None
 

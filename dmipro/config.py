@@ -9,6 +9,7 @@ that change their environment.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dmipro import defaults
 from dmipro.errors import ConfigError
 
-__all__ = ["RegistrySettings", "Settings", "get_settings", "reload_settings"]
+__all__ = ["RegistrySettings", "Settings", "get_settings", "mask_passwords", "reload_settings"]
 
 
 class RegistrySettings(BaseModel):
@@ -53,13 +54,35 @@ class Settings(BaseModel):
     storage: str = Field(default="db", description="DMIPRO_STORAGE: 'db' or a directory path")
     allow_sqlite_remote: bool = Field(default=False, description="DMIPRO_ALLOW_SQLITE_REMOTE")
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    allowed_key_envs: tuple[str, ...] = Field(
+        default=defaults.DEFAULT_ALLOWED_KEY_ENVS, description="DMIPRO_ALLOWED_KEY_ENVS"
+    )
+    """Variables a job may name as ``api_key_env`` (shell-style patterns); the rest are refused."""
+    allowed_api_hosts: tuple[str, ...] = Field(default=(), description="DMIPRO_ALLOWED_API_HOSTS")
+    """Hosts (``host`` or ``host:port``, ``*.domain`` patterns) a job run on workers may send LM calls to."""
+    data_roots: tuple[Path, ...] = Field(default=(), description="DMIPRO_DATA_ROOTS")
+    """Directories beyond the job file's own that dataset paths may point into."""
+    max_trials: int = Field(default=defaults.MAX_TRIALS, ge=1, description="DMIPRO_MAX_TRIALS")
+    """Most search trials a job may ask for (``num_trials``)."""
+    max_candidates: int = Field(default=defaults.MAX_CANDIDATES, ge=1, description="DMIPRO_MAX_CANDIDATES")
+    """Most instruction and demo-set candidates per predictor a job may ask for (``num_candidates``)."""
+    max_dataset_rows: int = Field(default=defaults.MAX_DATASET_ROWS, ge=1,
+                                  description="DMIPRO_MAX_DATASET_ROWS")
+    """Most examples in one split of a job."""
+    max_payload_bytes: int = Field(default=defaults.MAX_PAYLOAD_BYTES, ge=1024,
+                                   description="DMIPRO_MAX_PAYLOAD_BYTES")
+    """Largest job (spec with its datasets, as JSON) stored and sent to workers."""
+    code_paths: tuple[Path, ...] = Field(default=(), description="DMIPRO_CODE_PATHS")
+    """Directories (besides installed packages and the current directory) programs are imported from."""
     reconcile_interval: float = Field(
         default=defaults.DEFAULT_RECONCILE_INTERVAL_S, ge=0, description="DMIPRO_RECONCILE_INTERVAL"
     )
     reconcile_grace: float = Field(default=defaults.DEFAULT_RECONCILE_GRACE_S, ge=0,
                                    description="DMIPRO_RECONCILE_GRACE")
 
-    @field_validator("allowed_modules", "subscribers", mode="before")
+    @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots",
+                     "code_paths",
+                     mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -99,6 +122,17 @@ class Settings(BaseModel):
             raise ConfigError(
                 f"setting {where}: {err['msg']} (from {path} or DMIPRO_{where.upper()})"
             ) from exc
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s'\"]*):[^\s'\"]*@")
+
+
+def mask_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` URL in it replaced by ``***``.
+
+    Greedy up to the last ``@``, so a password holding ``@`` (an unparsable URL) is masked whole.
+    """
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def _first_line(exc: BaseException) -> str:

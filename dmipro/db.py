@@ -19,9 +19,10 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from dmipro.config import get_settings
+from dmipro.config import get_settings, mask_passwords
 from dmipro.errors import ConfigError
 
 __all__ = [
@@ -71,7 +72,8 @@ def _new_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except Exception as exc:
-        raise ConfigError(f"DMIPRO_DATABASE_URL {url!r} is not a database URL ({exc})") from exc
+        message = f"DMIPRO_DATABASE_URL {url!r} is not a database URL ({exc})"
+        raise ConfigError(mask_passwords(message)) from None
     kwargs: dict[str, Any] = {"future": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -82,9 +84,9 @@ def _new_engine(url: str) -> Engine:
     try:
         engine = create_engine(url, **kwargs)
     except Exception as exc:  # a missing driver, a malformed URL
-        raise ConfigError(
+        raise ConfigError(mask_passwords(
             f"cannot open database {parsed.render_as_string(hide_password=True)}: {exc}"
-        ) from exc
+        )) from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
@@ -150,7 +152,13 @@ def get_engine(url: str | None = None) -> Engine:
         if engine is None:
             engine = _engines[url] = _new_engine(url)
         if url not in _upgraded:
-            upgrade(engine)
+            try:
+                upgrade(engine)
+            except OperationalError as exc:  # unreachable, wrong password, no such database
+                where = engine.url.render_as_string(hide_password=True)
+                reason = " ".join(str(exc.orig or exc).split())
+                raise ConfigError(mask_passwords(f"cannot reach the job database {where}: {reason}; "
+                                                 "check DMIPRO_DATABASE_URL")) from None
             _upgraded.add(url)
     return engine
 

@@ -32,6 +32,34 @@ WORK_QUEUE = "dmipro.work"
 CONFIG_FILE = "dmipro.yaml"
 """Optional settings file looked up in the current directory."""
 
+DEFAULT_ALLOWED_KEY_ENVS = ("*_API_KEY",)
+"""Environment variables a job may name as its ``api_key_env`` unless the operator says otherwise."""
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+"""Job names, job ids and program names: a letter or digit, then up to 127 letters, digits, ``_``, ``.``
+or ``-``. No ``/``, no leading ``.``: every file name derived from one stays in its directory."""
+
+MAX_JOB_ID = 64
+"""Longest job id (the job table's key column)."""
+
+HEARTBEAT_S = 10.0
+"""How often a coordinator running on a worker marks its job row as alive."""
+
+STALE_AFTER_S = 60.0
+"""A running job whose coordinator has not marked it alive for this long is reported ``stale``."""
+
+MAX_TRIALS = 2000
+"""Default cap on a job's ``num_trials`` (``auto: heavy`` asks for far fewer)."""
+
+MAX_CANDIDATES = 200
+"""Default cap on a job's ``num_candidates``."""
+
+MAX_DATASET_ROWS = 100_000
+"""Default cap on the examples in one split."""
+
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+"""Default cap on a job's size as JSON (its spec with the datasets inline): 64 MiB."""
+
 DEFAULT_RECONCILE_INTERVAL_S = 60.0
 """Seconds between two passes of a coordinator worker's reconciler (0 turns it off)."""
 

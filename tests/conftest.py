@@ -89,7 +89,11 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
-    """A private redis-server on a free port for the whole session; yields its base URL."""
+    """A private redis-server on a free port for the whole session; yields its base URL.
+
+    It requires a password, as every deployment should: the URL carries it
+    (``redis://:PASSWORD@127.0.0.1:PORT``), so every client under test must pass it on.
+    """
     url = os.environ.get("DMIPRO_TEST_REDIS_URL")
     if url:
         yield url
@@ -98,8 +102,10 @@ def redis_server() -> Iterator[str]:
     if binary is None:
         need("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
+    password = uuid.uuid4().hex
     proc = subprocess.Popen(
-        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--requirepass", password],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -110,7 +116,7 @@ def redis_server() -> Iterator[str]:
             break
         except OSError:
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
+    yield f"redis://:{password}@127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
 

@@ -162,14 +162,14 @@ def test_the_same_score_over_http_as_in_process(sim_server: str, tmp_path: Path,
     spec["lm"] = {
         "model": "openai/sim-math",
         "api_base": sim_server,
-        "api_key_env": "SIM_KEY",
+        "api_key_env": "SIM_API_KEY",
         "temperature": 0.0,
         "cache": False,
     }
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))
 
-    proc = dmipro_cli("evaluate", str(job), "--json", home=dmipro_home, SIM_KEY="x")
+    proc = dmipro_cli("evaluate", str(job), "--json", home=dmipro_home, SIM_API_KEY="x")
     assert proc.returncode == 0, proc.stderr
     over_http = json.loads(proc.stdout)
     in_process = dmipro.evaluate(math_job(n))
@@ -181,9 +181,9 @@ def test_the_same_score_over_http_as_in_process(sim_server: str, tmp_path: Path,
 def test_an_http_job_needs_its_key_variable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("SIM_KEY", raising=False)
+    monkeypatch.delenv("SIM_API_KEY", raising=False)
     spec = math_job(
-        3, lm={"model": "openai/sim-math", "api_base": "http://127.0.0.1:9/v1", "api_key_env": "SIM_KEY"}
+        3, lm={"model": "openai/sim-math", "api_base": "http://127.0.0.1:9/v1", "api_key_env": "SIM_API_KEY"}
     )
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(spec))

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +55,8 @@ def demo_jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
     ids = []
     for seed in (9, 4):
         job = tmp_path_factory.mktemp("job") / "job.yaml"
-        text = DEMO_JOB.read_text().replace("data/", str(DEMO_JOB.parent / "data") + "/")
-        job.write_text(re.sub(r"seed: \d+", f"seed: {seed}", text))
+        shutil.copytree(DEMO_JOB.parent / "data", job.parent / "data")  # datasets stay in a job's directory
+        job.write_text(re.sub(r"seed: \d+", f"seed: {seed}", DEMO_JOB.read_text()))
         run = _cli("optimize", str(job), "--json", home=home)
         assert run.returncode == 0, run.stderr
         ids.append(json.loads(run.stdout)["job_id"])

@@ -13,7 +13,16 @@ never counts twice. A future cancelled by the caller is revoked remotely (``_rev
 
 Backends override three hooks, all called on the collector thread only:
 ``_send(shipments)``, ``_fetch(ids) -> {id: Outcome}`` (ids without a final outcome are
-left out) and ``_revoke(ids)``.
+left out; a backend calls ``_mark_started(id)`` when it sees a task running) and
+``_revoke(ids)``.
+
+A coordinator watches its job (:meth:`~RemoteExecutor.watch`): every task gets a deadline
+(seconds from when it was seen running, by task name), past which its future fails with
+a ``TaskError`` (``error_type="TaskDeadlineExceeded"``) and the task is revoked; and once
+the job's cancel flag is set, the coordinator gets ``cancel_grace_s`` to stop at its next
+batch boundary (keeping the best program so far); tasks still in flight after that are
+revoked and their futures fail (``error_type="JobCancelled"``), so ``cancel`` never waits
+for a stuck task.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +110,8 @@ class RemoteExecutor(ExecutorAdapter):
     """Poll again this soon after results arrived or tasks were sent."""
     broker_failure_s: float = 300.0
     """Fail every task in flight when the broker stays unreachable this long."""
+    cancel_grace_s: float = 10.0
+    """After a cancel, how long the coordinator may finish its batch before tasks in flight are revoked."""
 
     def __init__(self, concurrency: int = 16, *, poll_interval: float = 0.05) -> None:
         super().__init__(concurrency)
@@ -110,6 +122,29 @@ class RemoteExecutor(ExecutorAdapter):
         self._pending: dict[str, tuple[Shipment, Future[dict[str, Any]]]] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.deadlines: dict[str, float] = {}
+        """Seconds a task may run once started, by task name (``"*"``: the rest); empty: no limit."""
+        self._cancelled: Callable[[], bool] | None = None
+        self._next_cancel_check = 0.0
+        self._cancel_seen: float | None = None
+        self._started: dict[str, float] = {}
+
+    def watch(self, *, deadlines: dict[str, float] | None = None,
+              cancelled: Callable[[], bool] | None = None) -> None:
+        """Give tasks ``deadlines`` and stop everything in flight once ``cancelled()`` says so."""
+        with self._lock:
+            if deadlines is not None:
+                self.deadlines = dict(deadlines)
+            self._cancelled = cancelled
+        self._wake.set()
+
+    def deadline_for(self, task: str) -> float | None:
+        """The deadline of ``task`` in seconds, or None."""
+        return self.deadlines.get(task, self.deadlines.get("*"))
+
+    def _mark_started(self, tid: str) -> None:
+        """Backends call this when they see ``tid`` running; its deadline counts from now."""
+        self._started.setdefault(tid, time.monotonic())
 
     # -- backend hooks ---------------------------------------------------------------
     def _send(self, shipments: list[Shipment]) -> None:
@@ -120,8 +155,8 @@ class RemoteExecutor(ExecutorAdapter):
         """The final outcomes among ``ids``; a task still queued or running is left out."""
         raise NotImplementedError
 
-    def _revoke(self, ids: list[str]) -> None:
-        """Best effort: keep these tasks from running (they may have run already)."""
+    def _revoke(self, ids: list[str], *, terminate: bool = False) -> None:
+        """Best effort: keep these tasks from running; ``terminate`` also stops them if running."""
 
     # -- the loop --------------------------------------------------------------------
     @property
@@ -165,6 +200,8 @@ class RemoteExecutor(ExecutorAdapter):
             if cancelled:
                 self._drop(cancelled)
             ids = [tid for tid, (_, fut) in items if not fut.cancelled()]
+            if ids and self._stop_cancelled_job(ids):
+                continue
             if not ids:
                 interval = self.poll_min_s
                 continue
@@ -183,10 +220,12 @@ class RemoteExecutor(ExecutorAdapter):
                 continue
             failing_since = None
             for tid, outcome in outcomes.items():
+                self._started.pop(tid, None)
                 with self._lock:
                     entry = self._pending.pop(tid, None)
                 if entry is not None:
                     _complete(entry[1], outcome)
+            self._expire([tid for tid in ids if tid not in outcomes])
             interval = self.poll_min_s if outcomes or sent else min(interval * 1.5, self.poll_interval)
 
     def _send_batch(self, batch: list[tuple[Shipment, Future[dict[str, Any]]]]) -> bool:
@@ -204,6 +243,56 @@ class RemoteExecutor(ExecutorAdapter):
         with self._lock:
             self._pending.update({s.id: (s, f) for s, f in live})
         return True
+
+    def _stop_cancelled_job(self, ids: list[str]) -> bool:
+        """Fail and revoke every task in flight once the watched job is cancelled; True if it was."""
+        now = time.monotonic()
+        if self._cancelled is None or now < self._next_cancel_check:
+            return False
+        self._next_cancel_check = now + 1.0
+        if self._cancel_seen is None:
+            try:
+                if not self._cancelled():
+                    return False
+            except Exception as exc:  # the job database away for a moment: look again next second
+                log.warning("checking the job's cancel flag failed: %s", exc)
+                return False
+            self._cancel_seen = now
+        if now - self._cancel_seen < self.cancel_grace_s:
+            return False
+        log.info("the job was cancelled: revoking %d %s task(s) in flight", len(ids), self.name)
+        self._abort(ids, lambda task: TaskError(f"task {task} was revoked: the job was cancelled", task=task,
+                                                error_type="JobCancelled"))
+        return True
+
+    def _expire(self, ids: list[str]) -> None:
+        if not self.deadlines:
+            return
+        now = time.monotonic()
+        with self._lock:
+            tasks = {tid: self._pending[tid][0].task for tid in ids if tid in self._pending}
+        late = []
+        for tid, task in tasks.items():
+            limit, started = self.deadline_for(task), self._started.get(tid)
+            if limit is not None and started is not None and now - started > limit:
+                late.append(tid)
+        if late:
+            log.error("%d %s task(s) ran past their deadline; revoking them", len(late), self.name)
+            self._abort(late, lambda task: TaskError(
+                f"task {task} ran past its deadline of {self.deadline_for(task):.0f}s (sized from the job's "
+                "LM deadline) and was revoked", task=task, error_type="TaskDeadlineExceeded"))
+
+    def _abort(self, ids: list[str], error: Callable[[str], DmiproError]) -> None:
+        with self._lock:
+            entries = [(tid, self._pending.pop(tid)) for tid in ids if tid in self._pending]
+        for tid, _ in entries:
+            self._started.pop(tid, None)
+        try:
+            self._revoke([tid for tid, _ in entries], terminate=True)
+        except Exception as exc:
+            log.warning("revoking %d %s tasks failed: %s", len(entries), self.name, exc)
+        for _, (shipment, fut) in entries:
+            _complete(fut, Outcome(error=error(shipment.task)))
 
     def _drop(self, ids: list[str]) -> None:
         with self._lock:

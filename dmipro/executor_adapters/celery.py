@@ -64,10 +64,15 @@ class CeleryExecutor(RemoteExecutor):
         with self.app.producer_or_acquire() as producer:
             for s in shipments:
                 # Publish in the submitter's trace, so Celery's own spans join the run's trace.
+                limit = self.deadline_for(s.task)
+                # Time limits stop a stuck task in prefork and solo pools; a thread pool cannot
+                # interrupt a thread, so there the coordinator's own deadline is what frees the job.
+                limits = {"soft_time_limit": limit, "time_limit": limit + 30} if limit else {}
                 with tracing.attach(s.trace):
                     self.app.send_task(
                         task_name(s.task), args=[s.body], task_id=s.id, queue=self.queue, producer=producer,
                         headers={TRACE_HEADER: s.trace} if s.trace else None, argsrepr=_summary(s.body),
+                        **limits,
                     )
                 self._sent_at[s.id] = time.monotonic()
 
@@ -85,6 +90,8 @@ class CeleryExecutor(RemoteExecutor):
         tasks = self._task_names(ids)
         out: dict[str, Outcome] = {}
         for tid, meta in metas.items():
+            if isinstance(meta, dict) and meta.get("status") == "STARTED":
+                self._mark_started(tid)
             outcome = _outcome(tasks.get(tid, "?"), meta)
             if outcome is not None:
                 out[tid] = outcome
@@ -133,8 +140,9 @@ class CeleryExecutor(RemoteExecutor):
         with self._lock:
             return {tid: self._pending[tid][0].task for tid in ids if tid in self._pending}
 
-    def _revoke(self, ids: list[str]) -> None:
-        self.app.control.revoke(ids)
+    def _revoke(self, ids: list[str], *, terminate: bool = False) -> None:
+        if ids:
+            self.app.control.revoke(ids, terminate=terminate, signal="SIGKILL" if terminate else "SIGTERM")
 
 
 def _outcome(task: str, meta: Any) -> Outcome | None:

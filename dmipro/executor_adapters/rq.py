@@ -93,12 +93,17 @@ class RQExecutor(RemoteExecutor):
 
         self.queue.enqueue_many([
             Queue.prepare_data(
-                TASK_FUNC, args=(s.task, s.body), timeout=self.job_timeout, result_ttl=self.result_ttl,
+                TASK_FUNC, args=(s.task, s.body), timeout=self._timeout(s.task), result_ttl=self.result_ttl,
                 failure_ttl=FAILURE_TTL_S, job_id=s.id, meta={"trace": s.trace, "task": s.task},
                 description=f"dmipro.{s.task}",
             )
             for s in shipments
         ])
+
+    def _timeout(self, task: str) -> int:
+        """RQ's job timeout: the task's deadline (plus a margin) when the job has one."""
+        limit = self.deadline_for(task)
+        return int(limit) + 30 if limit else self.job_timeout
 
     def _fetch(self, ids: list[str]) -> dict[str, Outcome]:
         from rq.job import Job, JobStatus
@@ -114,8 +119,10 @@ class RQExecutor(RemoteExecutor):
                 lost[tid] = "vanished from Redis"
                 continue
             status = job.get_status(refresh=False)
-            if status == JobStatus.STARTED and job.worker_name:
-                started[tid] = job.worker_name
+            if status == JobStatus.STARTED:
+                self._mark_started(tid)
+                if job.worker_name:
+                    started[tid] = job.worker_name
             if status == JobStatus.FINISHED:
                 result = job.return_value()
                 if not isinstance(result, dict):
@@ -168,17 +175,23 @@ class RQExecutor(RemoteExecutor):
             entry = self._pending.get(tid)
         return entry[0].task if entry else "?"
 
-    def _revoke(self, ids: list[str]) -> None:
+    def _revoke(self, ids: list[str], *, terminate: bool = False) -> None:
+        from rq.command import send_stop_job_command
         from rq.exceptions import InvalidJobOperation, NoSuchJobError
         from rq.job import Job, JobStatus
         from rq.serializers import JSONSerializer
 
         for job in Job.fetch_many(ids, connection=self.connection, serializer=JSONSerializer):
-            if job is not None and job.get_status(refresh=False) == JobStatus.QUEUED:
-                try:
+            if job is None:
+                continue
+            status = job.get_status(refresh=False)
+            try:
+                if status == JobStatus.QUEUED:
                     job.cancel()
-                except (InvalidJobOperation, NoSuchJobError):
-                    pass
+                elif terminate and status == JobStatus.STARTED:
+                    send_stop_job_command(self.connection, job.id, serializer=JSONSerializer)
+            except (InvalidJobOperation, NoSuchJobError):
+                pass
 
 
 def _failure(task: str, job: Any) -> DmiproError:

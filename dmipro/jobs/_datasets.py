@@ -21,7 +21,7 @@ def load_records(source: Any, *, base_dir: Path, field: str) -> list[dict[str, A
     if isinstance(source, list):
         records = source
     elif isinstance(source, str) and source.lower().endswith(_SUFFIXES):
-        records = _read_file((base_dir / source).resolve(), field)
+        records = _read_file(_confined(base_dir, source, field), field)
     elif is_ref(source):
         records = _from_ref(source, field)
     else:
@@ -46,6 +46,24 @@ def load_records(source: Any, *, base_dir: Path, field: str) -> list[dict[str, A
     except (TypeError, ValueError) as exc:
         raise DatasetError(f"records must hold plain JSON values ({exc})", field=field) from exc
     return out
+
+
+def _confined(base_dir: Path, source: str, field: str) -> Path:
+    """The data file ``source`` names, refused unless it lies in the job's directory or a data root.
+
+    The path is resolved first (``..`` and symlinks followed), so neither can lead out.
+    """
+    from dmipro.config import get_settings
+
+    path = (base_dir / source).resolve()
+    roots = [base_dir.resolve(), *(Path(r).resolve() for r in get_settings().data_roots)]
+    if not any(path.is_relative_to(root) for root in roots):
+        raise DatasetError(
+            f"{source!r} lies outside the job's directory {roots[0]}; put the data next to the job file, "
+            "or the operator may allow its directory with DMIPRO_DATA_ROOTS",
+            field=field,
+        )
+    return path
 
 
 def _read_file(path: Path, field: str) -> list[Any]:

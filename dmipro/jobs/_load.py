@@ -13,8 +13,10 @@ from pydantic import ValidationError
 
 from dmipro.errors import DatasetError, JobSpecError, RefError
 from dmipro.jobs._datasets import fingerprint_records, load_records
+from dmipro.jobs._limits import check_caps
+from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.spec import JobSpec, LMConfig
-from dmipro.refs import ensure_importable, import_ref
+from dmipro.refs import ensure_importable, import_ref, trusted_code_paths
 
 __all__ = ["Job", "build_program", "load_job", "parse_spec", "required_fields"]
 
@@ -112,6 +114,7 @@ def required_fields(program: Any) -> tuple[set[str], set[str]]:
 
 
 def _check_lm(cfg: LMConfig, field: str) -> None:
+    check_lm_policy(cfg, field, remote=False)
     if cfg.api_key_env and cfg.api_key_env not in os.environ:
         raise JobSpecError(
             f"api_key_env names {cfg.api_key_env}, which is not set in the environment; export it first",
@@ -141,11 +144,14 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _spec_error(exc) from None
-    ensure_importable([base, Path.cwd()])
+    check_caps(spec)  # counts first: nothing is imported or loaded for a job this machine will not run
+    ensure_importable(trusted_code_paths())  # never ``base``: a job bundle must not shadow real code
     program = build_program(spec.program)
     metric = import_ref(spec.metric, field="metric")
     if not callable(metric):
         raise RefError(f"{spec.metric} is a {type(metric).__name__}, not a callable metric", field="metric")
+    if spec.optimizer.teacher is not None:  # every ref in a job is checked here, not first on a worker
+        build_program(spec.optimizer.teacher, field="optimizer.teacher")
     _check_lm(spec.lm, "lm")
     if spec.prompt_lm is not None:
         _check_lm(spec.prompt_lm, "prompt_lm")
@@ -176,4 +182,6 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
                     field=split,
                 )
         update[split] = records
-    return Job(spec=spec.model_copy(update=update), base_dir=base)
+    spec = spec.model_copy(update=update)
+    check_caps(spec)
+    return Job(spec=spec, base_dir=base)

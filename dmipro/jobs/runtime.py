@@ -89,6 +89,7 @@ class JobRuntime:
         teacher: Any = None,
         teacher_settings: dict[str, Any] | None = None,
         dspy_settings: dict[str, Any] | None = None,
+        remote: bool = False,
     ) -> None:
         """Build from the spec's references, or from objects given in-process (``MIPROv2.compile``).
 
@@ -96,11 +97,21 @@ class JobRuntime:
         as they are (each keeps its own input keys and field values); ``teacher`` is a program
         object and ``teacher_settings`` DSPy settings for bootstrapping with it;
         ``dspy_settings`` (see :func:`capture_dspy_settings`) is applied around every task.
+        ``remote``: the job came from the job database to a worker, so the worker's own rules
+        for key variables, endpoints and sizes apply (:mod:`dmipro.jobs._policy`).
         """
         import dspy
 
+        from dmipro.jobs._policy import check_lm_policy
         from dmipro.lm import build_lm
 
+        # Before anything is imported or built: a refused job costs the worker nothing.
+        if remote:
+            from dmipro.jobs._limits import check_caps
+
+            check_caps(spec)
+        check_lm_policy(spec.lm, "lm", remote=remote)
+        check_lm_policy(spec.effective_prompt_lm, "prompt_lm" if spec.prompt_lm else "lm", remote=remote)
         self.job_id = job_id
         self.spec = spec
         self.in_process = program is not None or metric is not None
@@ -218,7 +229,7 @@ _lock = threading.Lock()
 _runtimes: OrderedDict[str, JobRuntime] = OrderedDict()
 
 
-def register_runtime(job_id: str, spec: JobSpec, **objects: Any) -> JobRuntime:
+def register_runtime(job_id: str, spec: JobSpec, *, remote: bool = False, **objects: Any) -> JobRuntime:
     """Build (or reuse) the runtime for ``job_id`` in this process; ``objects`` as for JobRuntime.
 
     A long-lived worker serves many jobs, so the cache is bounded: runtimes that can be
@@ -228,7 +239,7 @@ def register_runtime(job_id: str, spec: JobSpec, **objects: Any) -> JobRuntime:
     with _lock:
         runtime = _runtimes.get(job_id)
         if runtime is None or objects:
-            runtime = _runtimes[job_id] = JobRuntime(job_id, spec, **objects)
+            runtime = _runtimes[job_id] = JobRuntime(job_id, spec, remote=remote, **objects)
         _runtimes.move_to_end(job_id)
         rebuildable = [k for k, r in _runtimes.items() if not r.in_process]
         for key in rebuildable[: max(0, len(_runtimes) - MAX_RUNTIMES)]:
@@ -247,7 +258,7 @@ def get_runtime(job_id: str) -> JobRuntime:
     from dmipro.jobs.store import JobStore
 
     spec = JobSpec.model_validate(JobStore().get(job_id).spec)
-    return register_runtime(job_id, spec)
+    return register_runtime(job_id, spec, remote=True)
 
 
 def forget_runtime(job_id: str) -> None:

@@ -9,8 +9,11 @@ and returns a :class:`~dmipro.jobs.Job` ready to run.
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dmipro import defaults
 
 __all__ = [
     "DataSource",
@@ -84,6 +87,37 @@ class RateLimitConfig(BaseModel):
     """How long an open breaker holds calls back before one probe call is let through."""
 
 
+LM_SETTINGS = frozenset({
+    "model_type", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs",
+    "top_logprobs", "timeout", "max_completion_tokens", "reasoning_effort", "use_developer_role",
+    "api_version", "retry", "rate_limit",
+})
+"""LM settings a job may give beyond LMConfig's own fields: known ``dspy.LM``/litellm arguments.
+
+Anything else (``extra_headers``, ``base_url``, provider credentials, callbacks) is refused:
+a job chooses how the model answers, never where a worker's request goes or what it carries.
+"""
+
+_SECRET_WORDS = ("key", "secret", "password", "passwd", "token", "auth", "credential", "signature", "sig")
+
+
+def _check_api_base(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as exc:
+        raise ValueError(f"api_base is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("api_base must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("api_base must not carry credentials (user:password@); name the key's "
+                         "environment variable with api_key_env")
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if any(word in name.lower() for word in _SECRET_WORDS):
+            raise ValueError(f"api_base must not carry credentials (query parameter {name!r}); name the "
+                             "key's environment variable with api_key_env")
+
+
 class LMConfig(BaseModel):
     """An LM: anything ``dspy.LM`` takes. Keys are named by ``api_key_env``, never written inline."""
 
@@ -105,17 +139,32 @@ class LMConfig(BaseModel):
 
     @model_validator(mode="after")
     def _no_inline_secrets(self) -> LMConfig:
-        path = _find_secret(self.model_extra or {})
+        extra = self.model_extra or {}
+        path = _find_secret(extra)
+        if path is None:
+            path = next((k for k in extra if k not in LM_SETTINGS
+                         and any(w in k.lower() for w in _SECRET_WORDS)), None)
         if path is not None:
             raise ValueError(
                 f"'{path}' must not be written in a job; put the key in an environment variable "
                 "and name it with api_key_env"
             )
+        unknown = sorted(set(extra) - LM_SETTINGS)
+        if unknown:
+            raise ValueError(
+                f"unknown LM setting(s) {unknown}; a job may set {sorted(LM_SETTINGS | _OWN_FIELDS)} "
+                "(endpoints, headers and credentials are the operator's, not the job's)"
+            )
+        if self.api_base is not None:
+            _check_api_base(self.api_base)
         return self
 
     @property
     def is_sim(self) -> bool:
         return self.model.startswith("sim/")
+
+
+_OWN_FIELDS = frozenset(LMConfig.model_fields)
 
 
 class OptimizerConfig(BaseModel):
@@ -177,7 +226,7 @@ class RegisterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128, pattern=f"^{defaults.NAME_PATTERN}$")
     deploy: bool | None = False
 
 
@@ -186,7 +235,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(min_length=1, max_length=128, pattern=f"^{defaults.NAME_PATTERN}$")
     program: str
     metric: str
     trainset: DataSource

@@ -7,9 +7,13 @@ is the only writer of a job's checkpoints and cache rows, so no row is contended
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -17,10 +21,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dmipro import defaults
 from dmipro.db import Base, get_engine
-from dmipro.errors import JobNotFoundError
+from dmipro.errors import JobNotFoundError, JobSpecError
 
-__all__ = ["JobRecord", "JobState", "JobStore", "new_job_id"]
+__all__ = ["JobRecord", "JobState", "JobStore", "check_job_id", "new_job_id"]
+
+log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -75,6 +82,21 @@ eval_cache_table = sa.Table(
 )
 
 
+_JOB_ID = re.compile(defaults.NAME_PATTERN)
+
+
+def check_job_id(job_id: object) -> str:
+    """Return ``job_id`` if it is a valid job id, else raise :class:`JobSpecError`.
+
+    Ids name files (``programs/<id>.json``), Redis keys and task ids, so they follow the
+    one name pattern: no ``/``, no leading ``.``, at most 64 characters.
+    """
+    if not isinstance(job_id, str) or len(job_id) > defaults.MAX_JOB_ID or not _JOB_ID.fullmatch(job_id):
+        raise JobSpecError(f"invalid job id {str(job_id)[:80]!r}: use 1-{defaults.MAX_JOB_ID} letters, "
+                           "digits, '_', '.' or '-', starting with a letter or digit", field="job_id")
+    return job_id
+
+
 def new_job_id(name: str) -> str:
     """A fresh job id: the job name and 12 random hex digits."""
     return f"{name[:40]}-{uuid.uuid4().hex[:12]}"
@@ -120,7 +142,7 @@ class JobStore:
     ) -> JobRecord:
         now = time.time()
         row = {
-            "id": job_id or new_job_id(name),
+            "id": check_job_id(job_id) if job_id is not None else new_job_id(name),
             "name": name,
             "state": JobState.QUEUED.value,
             "phase": None,
@@ -207,6 +229,30 @@ class JobStore:
             if record.state is JobState.QUEUED:
                 self.finish(job_id, JobState.CANCELLED, error="cancelled before it started")
         return self.get(job_id)
+
+    @contextmanager
+    def heartbeat(self, job_id: str, every: float | None = None) -> Iterator[None]:
+        """Mark the job row alive every ``every`` seconds (``HEARTBEAT_S``) while the block runs.
+
+        ``status`` reports a running job whose row stays silent as ``stale``: its coordinator died.
+        """
+        interval = every or defaults.HEARTBEAT_S
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.update(job_id)
+                except Exception as exc:  # the database away for a moment: beat again next time
+                    log.warning("marking job %s alive failed: %s", job_id, exc)
+
+        thread = threading.Thread(target=beat, daemon=True, name=f"dmipro-heartbeat-{job_id}")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=interval)
 
     def cancel_requested(self, job_id: str) -> bool:
         with self.engine.connect() as conn:

@@ -28,7 +28,7 @@ from dmipro.errors import (
     StorageError,
 )
 from dmipro.jobs._load import Job, build_program, load_job
-from dmipro.jobs.store import JobRecord, JobState, JobStore
+from dmipro.jobs.store import JobRecord, JobState, JobStore, check_job_id
 
 __all__ = [
     "REMOTE_EXECUTORS",
@@ -84,7 +84,14 @@ def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = No
         raise ConfigError(f"submit sends jobs to workers: executor must be one of "
                           f"{', '.join(REMOTE_EXECUTORS)}, not {executor!r} (run in-process with "
                           "dmipro optimize instead)")
+    if job_id is not None:
+        check_job_id(job_id)
     job = spec if isinstance(spec, Job) else load_job(spec)
+    from dmipro.jobs._policy import check_lm_policy
+
+    check_lm_policy(job.spec.lm, "lm", remote=True)  # workers apply the same rules with their settings
+    if job.spec.prompt_lm is not None:
+        check_lm_policy(job.spec.prompt_lm, "prompt_lm", remote=True)
     from dmipro.api import check_plan  # the run plan needs the teleprompt package, which imports jobs
 
     check_plan(job)  # sizes and settings MIPROv2 cannot run with fail here, not on a worker
@@ -123,8 +130,11 @@ def _check_broker(executor: str) -> None:
     except DmiproError:
         raise
     except Exception as exc:
-        raise ExecutorError(f"cannot reach the {executor} broker at {_safe_url(url)} ({type(exc).__name__}: "
-                            f"{exc}); start Redis or set DMIPRO_BROKER_URL") from exc
+        from dmipro.config import mask_passwords
+
+        raise ExecutorError(mask_passwords(f"cannot reach the {executor} broker at {_safe_url(url)} "
+                                           f"({type(exc).__name__}: {exc}); start Redis or set "
+                                           "DMIPRO_BROKER_URL")) from None
 
 
 def _safe_url(url: str) -> str:
@@ -133,7 +143,9 @@ def _safe_url(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return url.split("@")[-1]
+        from dmipro.config import mask_passwords
+
+        return mask_passwords(url)
 
 
 def _enqueue(job_id: str, executor: str) -> None:
@@ -237,6 +249,12 @@ def status_of(record: JobRecord) -> dict[str, Any]:
     if result:
         report.update({key: result.get(key) for key in _STATUS_FROM_RESULT})
         report["trials_done"] = result.get("trials", report["trials_done"])
+    if record.state is JobState.RUNNING and record.executor in REMOTE_EXECUTORS:
+        # A coordinator on a worker marks the row alive every few seconds; a silent one died.
+        age = max(0.0, time.time() - record.updated_at)
+        report["heartbeat_age_s"] = round(age, 1)
+        if age > _stale_after():
+            report["state"] = "stale"
     report.update(
         attempts=record.attempts,
         cancel_requested=record.cancel_requested,
@@ -248,6 +266,18 @@ def status_of(record: JobRecord) -> dict[str, Any]:
         waiting=None,  # JobHandle.status() asks the broker; a finished job never waits
     )
     return report
+
+
+def _stale_after() -> float:
+    import os
+
+    from dmipro.defaults import STALE_AFTER_S
+
+    try:
+        return float(os.environ.get("DMIPRO_STALE_AFTER") or STALE_AFTER_S)
+    except ValueError:
+        raise ConfigError(f"DMIPRO_STALE_AFTER={os.environ['DMIPRO_STALE_AFTER']!r} is not a number of "
+                          "seconds") from None
 
 
 class JobHandle:
@@ -319,14 +349,14 @@ class JobHandle:
         file (``program_path``), which must then be on this machine.
         """
         from dmipro.jobs.spec import JobSpec
-        from dmipro.refs import ensure_importable
+        from dmipro.refs import ensure_importable, trusted_code_paths
 
         record = self.record
         if record.state is not JobState.SUCCEEDED:
             detail = f": {record.error}" if record.error else ""
             raise OptimizationError(f"job {self.job_id} is {record.state.value}{detail}; a result exists "
                                     "only for a succeeded job")
-        ensure_importable([Path.cwd()])
+        ensure_importable(trusted_code_paths())
         program_id = (record.result or {}).get("program_id")
         if program_id:
             from dmipro.storage.database import DatabaseProgramStore
@@ -355,6 +385,11 @@ class JobHandle:
         a running one stops at the next batch of trials. Returns the status."""
         before = self.record
         after = self._store.request_cancel(self.job_id)
+        if status_of(before)["state"] == "stale":  # no coordinator left to see the flag
+            age = status_of(before).get("heartbeat_age_s")
+            self._store.finish(self.job_id, JobState.CANCELLED,
+                               error=f"cancelled; its coordinator had stopped (no heartbeat for {age}s)")
+            after = self.record
         if before.state is JobState.QUEUED:
             try:
                 _revoke(self.job_id, before.executor)

@@ -13,6 +13,7 @@ from dmipro.lm.usage import ModelUsage, Usage, UsageMeter, metered, price_per_to
 
 __all__ = [
     "SIM_OPTIONS",
+    "NO_KEY",
     "FaultCounts",
     "GuardedLM",
     "ModelUsage",
@@ -34,6 +35,10 @@ def __getattr__(name: str) -> Any:
 
         return SIM_OPTIONS
     raise AttributeError(name)
+
+
+NO_KEY = "dmipro-no-key"
+"""The key sent to a job's ``api_base`` when the job names no ``api_key_env``."""
 
 
 def build_lm(config: Any, *, shared_url: str | None = None) -> Any:
@@ -65,6 +70,10 @@ def build_lm(config: Any, *, shared_url: str | None = None) -> Any:
     else:
         if config.api_key_env:
             kwargs["api_key"] = os.environ[config.api_key_env]
+        elif config.api_base:
+            # litellm would otherwise send the provider key from this process's environment
+            # (OPENAI_API_KEY, ...) to an endpoint the job chose.
+            kwargs["api_key"] = NO_KEY
         lm = GuardedLM(config.model, **kwargs)
     key = limiter_key(config.model, config.api_key_env, config.api_base)
     limiter = limiter_for(key, config.rate_limit, redis_url=shared_url)

@@ -42,9 +42,13 @@ from dspy.lm15 import TimeoutError as LMTimeoutError
 from dmipro.errors import ConfigError
 from dmipro.lm._sim import SIM_OPTIONS, TASKS, SimEngine
 
-__all__ = ["SimHTTPServer", "make_server", "run_server", "serve", "serve_in_thread"]
+__all__ = ["MAX_N", "SimHTTPServer", "make_server", "run_server", "serve", "serve_in_thread"]
 
 _MODEL = re.compile(r"^(?:openai/)?sim[-/_](\w+)$")
+
+MAX_N = 16
+"""Most completions one request may ask for (``n``): each costs the server CPU, and anyone who
+reaches the port may ask."""
 
 
 class SimHTTPServer(ThreadingHTTPServer):
@@ -196,6 +200,8 @@ class _Handler(BaseHTTPRequestHandler):
             if temperature is not None and not isinstance(temperature, (int, float)):
                 raise ValueError("temperature must be a number")
             count = int(body.get("n") or 1)
+            if not 1 <= count <= MAX_N:
+                raise ValueError(f"n must be between 1 and {MAX_N}, got {count}")
         except (ValueError, TypeError) as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc), "invalid_request_error")
             return

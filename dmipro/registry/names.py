@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 
+from dmipro import defaults
 from dmipro.errors import RegistryError
 
 __all__ = ["NAME_PATTERN", "format_spec", "parse_spec", "validate_name"]
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+NAME_PATTERN = re.compile(defaults.NAME_PATTERN)
 """A program name: a letter or digit, then up to 127 letters, digits, ``_``, ``.`` or ``-``."""
 
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")

@@ -258,7 +258,7 @@ class Registry:
         """The version ``spec`` names as a ready ``dspy.Module`` (``NAME``: the deployed one)."""
         from dmipro.storage.program import build_program
 
-        name, version, record = self._get(spec)
+        name, version, record = self._get(spec, history=False)  # a load needs no trial history
         where = format_spec(name, version)
         try:
             program = build_program(record)
@@ -417,7 +417,7 @@ class Registry:
             version = row.deployed_version
         return name, version, row
 
-    def _get(self, spec: str) -> tuple[str, int, ProgramRecord]:
+    def _get(self, spec: str, *, history: bool = True) -> tuple[str, int, ProgramRecord]:
         with self._read() as s:
             name, version, row = self._resolve(s, spec)
             vrow = self._version_row(s, row, version)
@@ -426,7 +426,7 @@ class Registry:
                 raise StorageError(
                     f"{format_spec(name, version)} points at a missing program {vrow.program_id}"
                 )
-            return name, version, record_from_row(prow)
+            return name, version, record_from_row(prow, history=history)
 
     def _info(self, v: VersionRow, meta: dict[str, Any], deployed: int | None) -> VersionInfo:
         return VersionInfo(

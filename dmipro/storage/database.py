@@ -30,7 +30,8 @@ class ProgramRow(Base):
     best_score: Mapped[float | None] = mapped_column(Float)
     program: Mapped[str] = mapped_column(Text)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON)
-    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, deferred=True)
+    """Read only when asked for (exports, ``registry show``): loading a program never parses it."""
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -51,11 +52,15 @@ def insert_program(session: Session, program_id: str, record: ProgramRecord) -> 
     return row
 
 
-def record_from_row(row: ProgramRow) -> ProgramRecord:
-    """Decode a stored row; :class:`DecodeError` if it was tampered with."""
+def record_from_row(row: ProgramRow, *, history: bool = True) -> ProgramRecord:
+    """Decode a stored row; :class:`DecodeError` if it was tampered with.
+
+    ``history=False`` leaves the trial history unread (an empty list in the record).
+    """
     try:
         return ProgramRecord.model_validate(
-            {"metadata": row.meta, "program": orjson.loads(row.program), "history": row.history}
+            {"metadata": row.meta, "program": orjson.loads(row.program),
+             "history": row.history if history else []}
         )
     except (ValidationError, orjson.JSONDecodeError) as exc:
         raise DecodeError(f"stored program {row.id} is corrupt: {exc}") from None

@@ -13,6 +13,7 @@ import tempfile
 from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 from filelock import FileLock
@@ -21,7 +22,7 @@ from dmipro.errors import DecodeError, StorageError
 from dmipro.storage.base import ProgramStore, StoredProgram
 from dmipro.storage.record import MAX_DOCUMENT_BYTES, ProgramRecord
 
-__all__ = ["DirectoryProgramStore", "atomic_write"]
+__all__ = ["DirectoryProgramStore", "atomic_write", "confined", "save_program_file"]
 
 _LOCK_TIMEOUT = 60.0
 
@@ -40,6 +41,46 @@ def atomic_write(path: Path, data: bytes) -> None:
         with suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def confined(root: Path, relative: Path | str) -> Path:
+    """``root / relative``, refusing any path that would land outside ``root``.
+
+    The parent directories are resolved (following symlinks) and must stay under the
+    resolved root; the file name itself is never followed (writes replace it).
+    """
+    root = root.resolve()
+    candidate = root / relative
+    parent = candidate.parent.resolve()
+    if candidate.name in ("", ".", "..") or not parent.is_relative_to(root):
+        raise StorageError(f"{str(relative)[:200]!r} would be written outside {root}; refusing")
+    return parent / candidate.name
+
+
+def save_program_file(program: Any, path: Path, *, root: Path | None = None) -> Path:
+    """Write ``program.save()``'s JSON to ``path`` (under ``root`` if given), atomically.
+
+    The JSON goes to a temporary sibling first and is moved into place with
+    ``os.replace``, which replaces a symlink planted at ``path`` instead of writing
+    through it; a reader never sees half a file.
+    """
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / path).parent.mkdir(parents=True, exist_ok=True)  # a planted link is caught right below
+        path = confined(root, path)
+    else:
+        path = path.parent.resolve() / path.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    os.close(fd)
+    try:
+        program.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 class DirectoryProgramStore(ProgramStore):

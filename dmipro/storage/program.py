@@ -9,6 +9,7 @@ zips fields by position and never checks names), and loads the state.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -210,11 +211,15 @@ def build_program(record: ProgramRecord, *, program_ref: str | None = None) -> d
     code's predictors and signature fields are checked against the record before DSPy's
     ``load_state`` runs, so a changed signature fails here with a message saying so.
     """
+    from dmipro.storage.record import strip_predictor_lms
+
     ref = program_ref or record.metadata.program_ref
     program = instantiate(ref)
     check_signatures(program, record.program, record.metadata.signatures or None, program_ref=ref)
+    state = copy.deepcopy(record.program)
+    strip_predictor_lms(state)  # records are stripped when read; a built program never carries a file's LM
     try:
-        program.load_state(record.program)
+        program.load_state(state)
     except DmiproError:
         raise
     except Exception as exc:

@@ -19,6 +19,7 @@ anything that is not exactly one of those shapes.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
@@ -38,10 +39,15 @@ __all__ = [
     "MAX_DOCUMENT_BYTES",
     "ProgramMetadata",
     "ProgramRecord",
+    "MAX_HISTORY_BYTES",
+    "MAX_HISTORY_ENTRIES",
     "check_program_state",
     "dmipro_version",
     "state_predictors",
+    "strip_predictor_lms",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "dmipro.program/v1"
 """Format marker of a stored program document (and of dmipro's earlier export files)."""
@@ -53,6 +59,12 @@ _DSPY_KEYS = frozenset({"format", "metadata", "history"})
 
 MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
 """Largest program document read from a file or a store (32 MiB)."""
+
+MAX_HISTORY_ENTRIES = 10_000
+"""Most trial-history entries a stored program may carry (a heavy run logs a few hundred)."""
+
+MAX_HISTORY_BYTES = 4 * 1024 * 1024
+"""Largest trial history, as compact JSON (4 MiB): bytes parse into many times their size in objects."""
 
 _BUILTIN_LM_CLASS = "dspy.clients.lm.LM"
 _PREDICTOR_KEYS = frozenset({"traces", "train", "demos", "signature", "lm", "fields"})
@@ -140,6 +152,23 @@ def state_predictors(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k != "metadata"}
 
 
+def strip_predictor_lms(state: dict[str, Any]) -> list[str]:
+    """Set every predictor's saved ``lm`` in ``state`` to null; returns the names that had one.
+
+    A program file decides prompts and demos, never where they are sent: a saved LM (its
+    model, key, ``store``, ``n``) would override the app's ``dspy.configure(lm=...)`` and send
+    the app's prompts to the file author's account. The app's configuration decides.
+    """
+    flat = isinstance(state.get("signature"), Mapping) and isinstance(state.get("demos"), list)
+    entries = {"self": state} if flat else {k: v for k, v in state.items() if k != "metadata"}
+    stripped = []
+    for name, pstate in entries.items():
+        if isinstance(pstate, dict) and pstate.get("lm") is not None:
+            pstate["lm"] = None
+            stripped.append(name)
+    return stripped
+
+
 def check_program_state(state: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` unless ``state`` has the shape of DSPy's saved-program JSON."""
     meta = state.get("metadata")
@@ -203,12 +232,27 @@ class ProgramRecord(BaseModel):
     def _program_shape(cls, value: dict[str, Any]) -> dict[str, Any]:
         value = _plain_json(value, "program")
         check_program_state(value)
+        stripped = strip_predictor_lms(value)
+        if stripped:
+            log.warning("dropped the saved LM of predictor(s) %s: the app's dspy.configure(lm=...) decides "
+                        "where prompts go", ", ".join(stripped))
         return value
 
-    @field_validator("history")
+    @field_validator("history", mode="before")
     @classmethod
-    def _history_json(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return _plain_json(value, "history")  # type: ignore[no-any-return]
+    def _history_json(cls, value: Any) -> Any:
+        # Checked before pydantic builds its own copy: the cap is what bounds memory.
+        if not isinstance(value, list):
+            return value
+        if len(value) > MAX_HISTORY_ENTRIES:
+            raise ValueError(f"the history has {len(value)} entries; at most {MAX_HISTORY_ENTRIES} are kept")
+        try:
+            data = orjson.dumps(value)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise ValueError(f"history must be plain JSON ({exc})") from None
+        if len(data) > MAX_HISTORY_BYTES:
+            raise ValueError(f"the history is {len(data)} bytes of JSON; at most {MAX_HISTORY_BYTES}")
+        return orjson.loads(data)
 
     @model_validator(mode="after")
     def _signatures_match_state(self) -> ProgramRecord:

@@ -173,11 +173,24 @@ class Coordinator:
     def _cancelled(self) -> bool:
         return self.store.cancel_requested(self.job_id)
 
+    def _watch(self) -> None:
+        """Give a remote executor the job's task deadlines and cancel flag (``RemoteExecutor.watch``)."""
+        watch = getattr(self.executor, "watch", None)
+        if watch is None:
+            return
+        from dmipro.jobs._limits import task_deadlines
+
+        program = self.runtime.fresh_program()
+        watch(deadlines=task_deadlines(self.runtime.spec, predictors=len(program.named_predictors()),
+                                       train_size=len(self.runtime.examples.get("train", []))),
+              cancelled=self._cancelled)
+
     # -- the run -------------------------------------------------------------------
     def run(self) -> OptimizationResult:
         """Run (or resume) the job to the end; the job row says how it ended."""
         start = time.perf_counter()
         self.store.start(self.job_id, self.executor.name)
+        self._watch()
         with (
             correlate(job_id=self.job_id),
             span("dmipro.optimize", job_id=self.job_id, executor=self.executor.name, optimizer="MIPROv2"),
@@ -189,8 +202,9 @@ class Coordinator:
                 settings=self.opt.model_dump(mode="json"),
             )
             try:
-                result = self._run(start)
-                self._save(result)
+                with self.store.heartbeat(self.job_id):  # a silent row means a dead coordinator
+                    result = self._run(start)
+                    self._save(result)
             except BaseException as exc:
                 if self.executor.remote and database_gone(exc):
                     raise  # not the job's failure: its worker resumes it when the database is back
@@ -202,7 +216,8 @@ class Coordinator:
                     self.store.set_progress(self.job_id, **self._fault_progress())
                 except Exception:
                     log.exception("could not record the LM fault counts of failed job %s", self.job_id)
-                self.store.finish(self.job_id, JobState.FAILED, error=message)
+                ended = JobState.CANCELLED if self._cancelled() else JobState.FAILED
+                self.store.finish(self.job_id, ended, error=message)
                 bus.emit("dspy.optimization.error", error=message, error_type=type(exc).__name__)
                 raise
             state = JobState.CANCELLED if result.stop_reason == "cancelled" else JobState.SUCCEEDED
@@ -565,10 +580,13 @@ class Coordinator:
     def _save(self, result: OptimizationResult) -> None:
         """Write the best program as DSPy's own ``program.save()`` JSON."""
         from dmipro.config import get_settings
+        from dmipro.storage.directory import save_program_file
 
-        path = (self.program_path or get_settings().home / "programs" / f"{self.job_id}.json").resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        result.program.save(str(path))
+        if self.program_path is not None:  # the caller's own choice of file (--out)
+            path = save_program_file(result.program, self.program_path)
+        else:
+            path = save_program_file(result.program, Path("programs", f"{self.job_id}.json"),
+                                     root=get_settings().home)
         result.program_path = str(path)
         if not self.runtime.in_process:  # in-process objects have no reference to rebuild them from
             result.program_id = self._store_program(result)

@@ -46,6 +46,8 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
 def _describe(report: dict[str, Any]) -> str:
     state = report["state"] + (f": {report['waiting']}" if report.get("waiting") else "")
     parts = [f"{report['job_id']}: {state}"]
+    if report.get("state") == "stale":
+        parts.append(f"no coordinator heartbeat for {report.get('heartbeat_age_s')}s")
     if report.get("phase"):
         parts.append(f"phase {report['phase']}")
     if report.get("trials_total"):
@@ -83,12 +85,12 @@ def worker_celery(
     gone (not in the queue, not held by a live worker, no lease) and the
     job row has not changed for DMIPRO_RECONCILE_GRACE seconds (default 60).
     """
-    from dmipro.refs import ensure_importable
+    from dmipro.refs import ensure_importable, trusted_code_paths
     from dmipro.workers.celery_app import get_app
 
     # Per-process setup (observability included) runs in the processes that execute tasks:
     # worker_process_init for prefork children, worker_init for the thread pool.
-    ensure_importable([Path.cwd()])
+    ensure_importable(trusted_code_paths())
     argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}",
             f"--loglevel={loglevel}", "--task-events"]
     # Unique by default: two workers named alike on one host merge their replies to a broadcast,
@@ -187,20 +189,38 @@ def cancel_cmd(job_id: JobIdArg, as_json: JsonFlag = False) -> None:
 @cli_errors
 def flower_cmd(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 5555,
-    address: Annotated[str, typer.Option(help="Address to bind (keep 127.0.0.1 unless auth is set).")] =
+    address: Annotated[str, typer.Option(help="Address to bind (loopback unless FLOWER_BASIC_AUTH is set).")]
+        =
         "127.0.0.1",
-    basic_auth: Annotated[str | None, typer.Option(help="user:password for the UI and API.")] = None,
+    basic_auth: Annotated[str | None, typer.Option(
+        help="Refused: a password on the command line shows in ps; set FLOWER_BASIC_AUTH instead.",
+        hidden=True)] = None,
 ) -> None:
     """Start Flower on the project's broker: workers, tasks, coordinator progress.
 
-    Flower's HTTP API (``/api/workers``, ``/api/tasks``) answers 401 unless auth is
-    configured (``--basic-auth user:password`` or ``FLOWER_BASIC_AUTH``) or
-    ``FLOWER_UNAUTHENTICATED_API=true`` is set in Flower's environment — use the latter
-    only on a trusted network.
+    Without auth, Flower serves its whole UI (every task's arguments and results) to
+    whoever reaches it, so a bind to anything but loopback needs ``FLOWER_BASIC_AUTH``
+    (``user:password``) or ``FLOWER_AUTH`` (OAuth) in the environment. Its HTTP API
+    (``/api/workers``, ``/api/tasks``) answers 401 unless auth is configured or
+    ``FLOWER_UNAUTHENTICATED_API=true`` is set — use the latter only on loopback.
     """
+    import ipaddress
+    import os
+
+    from dmipro.errors import ConfigError
     from dmipro.workers.celery_app import get_app
 
+    if basic_auth is not None:
+        raise ConfigError("--basic-auth puts the password on the command line (visible in ps); "
+                          "export FLOWER_BASIC_AUTH=user:password instead")
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    authed = bool(os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH"))
+    if not loopback and not authed:
+        raise ConfigError(f"refusing to serve Flower on {address} without auth: it would show every task's "
+                          "arguments and results to anyone who reaches it; export "
+                          "FLOWER_BASIC_AUTH=user:password or bind 127.0.0.1")
     argv = ["flower", f"--port={port}", f"--address={address}"]
-    if basic_auth:
-        argv.append(f"--basic-auth={basic_auth}")
     get_app().start(argv)

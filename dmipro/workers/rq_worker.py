@@ -13,6 +13,13 @@ fork per job, so the program, datasets and LMs each job loads stay cached betwee
 tasks. An RQ worker runs one job at a time, and a coordinator holds its worker for the
 whole optimization: run coordinators on their own workers
 (``--queues dmipro.coordinator``), never on the only worker of ``dmipro.work``.
+
+Anyone who can write to the broker's Redis can put a job in a queue, and RQ would import
+and call whatever function such a job names. :class:`DmiproWorker` refuses, before
+importing anything, every job that is not exactly one of the two entry points above
+(with their argument shapes, and without RQ callbacks or webhooks, which RQ would also
+import or call); a refused job is logged and marked failed, and the worker carries on.
+Give Redis a password (``redis://:PASSWORD@host``) or TLS (``rediss://``) all the same.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from dmipro.errors import ConfigError
 
 try:
     from redis import Redis
-    from rq import Queue, SimpleWorker, get_current_job
+    from rq import Queue, get_current_job
     from rq.serializers import JSONSerializer
 except ImportError as _exc:  # pragma: no cover - depends on the installed extras
     raise ConfigError("the RQ executor needs the rq extra: pip install 'dmipro[rq]'") from _exc
+
+from dmipro.workers._rq_liveness import Worker as LiveWorker
 
 __all__ = [
     "COORDINATOR_TIMEOUT_S",
@@ -39,12 +48,14 @@ __all__ = [
     "RESULT_TTL_S",
     "TASK_FUNC",
     "WORK_TIMEOUT_S",
+    "DmiproWorker",
     "cancel_optimize",
     "coordinator_job_id",
     "enqueue_optimize",
     "main",
     "make_worker",
     "redis_connection",
+    "refusal_reason",
     "run_optimize",
     "run_task",
     "run_worker",
@@ -163,14 +174,71 @@ def cancel_optimize(job_id: str, *, connection: Redis | None = None) -> None:
         pass
 
 
+_ENTRY_POINTS = {TASK_FUNC: 2, OPTIMIZE_FUNC: 1}
+"""The only functions a dmipro RQ worker runs, with the number of (string) arguments each takes."""
+
+
+def refusal_reason(job: Any) -> str | None:
+    """Why ``job`` must not run on a dmipro worker, or None when it is one of dmipro's own.
+
+    Reads only the job's JSON data and hash fields: nothing the job names is imported.
+    """
+    try:
+        func_name = job.func_name
+        instance, args, kwargs = job.instance, job.args, job.kwargs
+    except Exception as exc:  # not JSON, or not RQ's (func, instance, args, kwargs) tuple
+        return f"its data does not decode ({type(exc).__name__})"
+    if func_name not in _ENTRY_POINTS:
+        return f"it names the function {str(func_name)[:200]!r}, which is not a dmipro entry point"
+    if instance is not None:
+        return "it names an instance to call the function on"
+    if kwargs or not isinstance(args, list | tuple) or len(args) != _ENTRY_POINTS[func_name] \
+            or not all(isinstance(a, str) for a in args):
+        return f"its arguments are not what {func_name} takes"
+    for attr in ("_success_callback_name", "_failure_callback_name", "_stopped_callback_name"):
+        if getattr(job, attr, None):
+            return f"it names a callback ({attr.strip('_').removesuffix('_name')})"
+    if getattr(job, "webhooks", None):
+        return "it carries webhooks"
+    return None
+
+
+class DmiproWorker(LiveWorker):
+    """dmipro's RQ worker (:class:`~dmipro.workers._rq_liveness.Worker`, a ``SimpleWorker``
+    that keeps a short-lived key and reconciles) that runs only dmipro's two entry points.
+
+    Any other job (a foreign function, callbacks, webhooks, undecodable data) is refused
+    before anything it names is imported: logged at ERROR, marked failed with the reason,
+    never retried. The worker keeps serving its queues.
+    """
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        reason = refusal_reason(job)
+        if reason is None:
+            super().execute_job(job, queue)
+            return
+        log.error("refused RQ job %s from queue %s: %s", job.id, queue.name, reason)
+        try:
+            # Strip what RQ would act on after a failure: retries, callbacks and webhooks.
+            job.retries_left = None
+            job.webhooks = []
+            job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
+            execution = self.prepare_execution(job)
+            self.handle_job_failure(job, queue, exc_string=f"RefusedJob: {reason}", execution=execution)
+        except Exception:  # recording the refusal failed; the job stays unrun either way
+            log.exception("recording the refusal of RQ job %s failed", job.id)
+        from rq.worker import WorkerStatus
+
+        self.set_state(WorkerStatus.IDLE)
+
+
 def make_worker(queues: Sequence[str], *, connection: Redis | None = None,
-                name: str | None = None) -> SimpleWorker:
+                name: str | None = None) -> DmiproWorker:
     """A worker for ``queues`` (in priority order) using the JSON serializer."""
-    from dmipro.workers._rq_liveness import Worker
 
     connection = connection or redis_connection()
     qs = [Queue(q, connection=connection, serializer=JSONSerializer) for q in queues]
-    return Worker(qs, connection=connection, serializer=JSONSerializer, name=name)
+    return DmiproWorker(qs, connection=connection, serializer=JSONSerializer, name=name)
 
 
 def run_worker(queues: Sequence[str], *, burst: bool = False, workers: int = 1, loglevel: str = "INFO",
@@ -187,19 +255,16 @@ def run_worker(queues: Sequence[str], *, burst: bool = False, workers: int = 1, 
         setup_worker_process(loglevel=loglevel)
         make_worker(queues, name=name).work(burst=burst, logging_level=loglevel.upper())
         return
-    from pathlib import Path
 
     from rq.worker_pool import WorkerPool
 
-    from dmipro.refs import ensure_importable
+    from dmipro.refs import ensure_importable, trusted_code_paths
 
     # Each pool process sets itself up when it runs its first task (after the fork, so that
     # telemetry threads start in the process that uses them).
-    ensure_importable([Path.cwd()])
+    ensure_importable(trusted_code_paths())
 
-    from dmipro.workers._rq_liveness import Worker
-
-    pool = WorkerPool(queues, connection=redis_connection(), num_workers=workers, worker_class=Worker,
+    pool = WorkerPool(queues, connection=redis_connection(), num_workers=workers, worker_class=DmiproWorker,
                       serializer=JSONSerializer)
     pool.start(burst=burst, logging_level=loglevel.upper())
 

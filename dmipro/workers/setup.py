@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import threading
-from pathlib import Path
 
 __all__ = ["LOG_FORMAT", "TASK_MODULES_ENV", "import_task_modules", "setup_worker_process"]
 
@@ -43,9 +42,9 @@ def setup_worker_process(*, loglevel: int | str | None = None) -> bool:
         if _done_pid == os.getpid():
             return False
         _done_pid = os.getpid()
-    from dmipro.refs import ensure_importable
+    from dmipro.refs import ensure_importable, trusted_code_paths
 
-    ensure_importable([Path.cwd()])
+    ensure_importable(trusted_code_paths())
     root = logging.getLogger()
     if not root.handlers:
         level = loglevel if loglevel is not None else os.environ.get("DMIPRO_LOG_LEVEL", "INFO")
@@ -63,11 +62,11 @@ def import_task_modules() -> tuple[str, ...]:
     ``DMIPRO_ALLOWED_MODULES``. Returns the module names.
     """
     from dmipro.errors import RefError
-    from dmipro.refs import check_allowed, ensure_importable
+    from dmipro.refs import check_allowed, ensure_importable, trusted_code_paths
 
     names = tuple(m.strip() for m in os.environ.get(TASK_MODULES_ENV, "").split(",") if m.strip())
     if names:
-        ensure_importable([Path.cwd()])
+        ensure_importable(trusted_code_paths())
     for name in names:
         check_allowed(name, field=TASK_MODULES_ENV)
         try:

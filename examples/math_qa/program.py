@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import dspy
 
-__all__ = ["MathQA", "build", "exact_match", "parse_number"]
+__all__ = ["MathQA", "build", "dev", "exact_match", "parse_number", "train"]
+
+_DATA = Path(__file__).resolve().parent / "data"
 
 
 class MathQA(dspy.Signature):
@@ -56,3 +60,18 @@ def exact_match(example: Any, prediction: Any, trace: Any = None) -> float:
         return str(text).strip().strip(".").casefold()
 
     return 1.0 if norm(predicted) == norm(expected) else 0.0
+
+
+def _split(name: str) -> list[dict[str, Any]]:
+    lines = (_DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def train() -> list[dict[str, Any]]:
+    """The shipped training split, for jobs elsewhere (``trainset: examples.math_qa.program:train``)."""
+    return _split("train")
+
+
+def dev() -> list[dict[str, Any]]:
+    """The shipped dev split (``valset: examples.math_qa.program:dev``)."""
+    return _split("dev")

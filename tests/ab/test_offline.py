@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,13 @@ from tests.fixtures.jobs import DATA, JOB_FILE
 
 
 def _job_file(tmp_path: Path) -> Path:
-    """The demo's job, data paths made absolute, registering its result as math_qa."""
+    """The demo's job with its data copied next to it (datasets stay in a job's directory),
+    registering its result as math_qa."""
     job = yaml.safe_load(JOB_FILE.read_text())
     for key in ("trainset", "valset", "testset"):
-        job[key] = str(DATA / Path(job[key]).name)
+        name = Path(job[key]).name
+        shutil.copyfile(DATA / name, tmp_path / name)
+        job[key] = name
     job["register"] = {"name": "math_qa", "deploy": False}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))

@@ -89,8 +89,10 @@ def test_flower_shows_workers_tasks_and_progress(flower: Flower, celery_stack: S
     assert "STARTED" in event_states, event_states
     # The coordinator's progress is its task state (the meta is tested in test_celery.py).
     assert "PROGRESS" in result_states, result_states
-    final = flower.get(f"/api/task/result/{optimize_id}")
-    assert final["state"] == "SUCCESS" and final["result"]["job_id"] == handle.job_id
+    # The job row is finished a moment before the task's return value reaches the result backend.
+    final = wait_for(lambda: (r := flower.get(f"/api/task/result/{optimize_id}"))["state"] == "SUCCESS" and r,
+                     30, "the coordinator's result in the backend")
+    assert final["result"]["job_id"] == handle.job_id
 
     def seen_all() -> dict[str, Any] | None:
         tasks = flower.get("/api/tasks")
