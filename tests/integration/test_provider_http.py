@@ -17,7 +17,7 @@ from dmipro.lm.server import SimHTTPServer, serve_in_thread
 from tests.fixtures.jobs import records
 
 REPO = Path(__file__).resolve().parents[2]
-KEY_ENV = "DMIPRO_TEST_SIM_KEY"
+KEY_ENV = "DMIPRO_TEST_SIM_API_KEY"
 
 
 @pytest.fixture
