@@ -152,15 +152,37 @@ class RedisBackend:
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._take = self.client.register_script(_TAKE_LUA)
         self._cool = self.client.register_script(_COOL_LUA)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._local = LocalBackend()
+        self._warned = 0.0
+
+    def _fallback(self, exc: BaseException) -> LocalBackend:
+        """While Redis is unreachable (a restart, a network blip) this process keeps its own
+        buckets: the LM call goes on, held to this process's share instead of the fleet's."""
+        now = time.monotonic()
+        if now - self._warned > 30:
+            self._warned = now
+            log.warning("shared rate limit unavailable (%s: %s); limiting in this process until Redis is back",
+                        type(exc).__name__, exc)
+        return self._local
 
     def take(self, bucket: str, rate: float, capacity: float, cost: float) -> float:
-        return float(self._take(keys=[self.prefix + bucket], args=[rate, capacity, cost]))
+        try:
+            return float(self._take(keys=[self.prefix + bucket], args=[rate, capacity, cost]))
+        except self._errors as exc:
+            return self._fallback(exc).take(bucket, rate, capacity, cost)
 
     def cool_down(self, key: str, seconds: float) -> None:
-        self._cool(keys=[self.prefix + key + ":cool"], args=[max(1, int(seconds * 1000))])
+        try:
+            self._cool(keys=[self.prefix + key + ":cool"], args=[max(1, int(seconds * 1000))])
+        except self._errors as exc:
+            self._fallback(exc).cool_down(key, seconds)
 
     def cooling(self, key: str) -> float:
-        left = int(self.client.pttl(self.prefix + key + ":cool"))
+        try:
+            left = int(self.client.pttl(self.prefix + key + ":cool"))
+        except self._errors as exc:
+            return self._fallback(exc).cooling(key)
         return left / 1000.0 if left > 0 else 0.0
 
 

@@ -147,9 +147,11 @@ def test_the_coordinator_reports_progress_as_task_state(celery_stack: Stack) -> 
     seen: list[dict[str, Any]] = []
 
     def progressed() -> bool:
-        if result.state == "PROGRESS" and isinstance(result.info, dict):
-            seen.append(result.info)
-        return result.ready()
+        # One read of the backend: state and info read apart can straddle the end of the task.
+        meta = result.backend.get_task_meta(result.id)
+        if meta["status"] == "PROGRESS" and isinstance(meta["result"], dict):
+            seen.append(meta["result"])
+        return meta["status"] in {"SUCCESS", "FAILURE", "REVOKED"}
 
     wait_for(progressed, 120, "the coordinator task to finish", interval=0.02)
     assert result.state == "SUCCESS", celery_stack.logs()
