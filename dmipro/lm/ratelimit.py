@@ -162,8 +162,8 @@ class RedisBackend:
         now = time.monotonic()
         if now - self._warned > 30:
             self._warned = now
-            log.warning("shared rate limit unavailable (%s: %s); limiting in this process until Redis is back",
-                        type(exc).__name__, exc)
+            log.warning("shared rate limit unavailable (%s: %s); limiting in this process until "
+                        "Redis is back", type(exc).__name__, exc)
         return self._local
 
     def take(self, bucket: str, rate: float, capacity: float, cost: float) -> float:
