@@ -205,3 +205,14 @@ def test_an_undeclared_limit_is_discovered_from_the_providers_headers(
     assert stats["200"] == 80
     # after the first 429s told it the limit, the process keeps under it
     assert stats.get("429", 0) < 0.4 * stats["total"], stats
+
+
+def test_an_unreachable_redis_limits_in_process_instead_of_failing_the_call() -> None:
+    from tests.conftest import free_port
+
+    backend = RedisBackend(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    limiter = RateLimiter("openai:m:KEY", backend, rpm=60)
+    assert limiter.acquire() == 0.0  # the one-second burst: the first call goes at once
+    limiter.release(ok=True)
+    backend.cool_down("openai:m:KEY", 5.0)
+    assert 4.0 < backend.cooling("openai:m:KEY") <= 5.0  # the pause holds in this process
