@@ -127,6 +127,8 @@ class ExecutorConfig(BaseModel):
     """Largest number of examples one evaluation task scores."""
     force_sqlite: bool = False
     """Allow a SQLite job database with workers that may be on other machines."""
+    priority: float = Field(default=1.0, gt=0, le=100)
+    """Weight in the fleet's fair share between running jobs (Celery, RQ): 2 gets twice the slots of 1."""
 
 
 class RegisterConfig(BaseModel):
