@@ -10,8 +10,9 @@ the job's part of a weighted max-min fair split of ``fleet_slots`` between the j
 have tasks to run: a job that wants fewer slots than its weighted part gets what it
 wants and the rest is split between the others (so an idle fleet is never held back by
 a cap), plus ``slack`` tasks, so a worker that frees a slot finds the job's next task already
-queued. ``fleet_slots`` is the executor's ``concurrency`` (the slots a job may fill, by
-default the fleet); ``weight`` is the job's priority (``executor.priority``, 1 by
+queued. A job alone on the fleet is not capped: it ships everything at once, as before
+there was anyone to share with. ``fleet_slots`` is the executor's ``concurrency`` (the
+slots a job may fill, by default the fleet); ``weight`` is the job's priority (``executor.priority``, 1 by
 default), so a job with priority 2 gets twice the slots of a job with 1.
 
 The executors agree through Redis (the broker): a sorted set of active executors, each
@@ -31,12 +32,14 @@ import time
 import uuid
 from typing import Any
 
-__all__ = ["ACTIVE_KEY", "WEIGHTS_KEY", "FairShare", "split"]
+__all__ = ["ACTIVE_KEY", "UNCAPPED", "WEIGHTS_KEY", "FairShare", "split"]
 
 log = logging.getLogger(__name__)
 
 ACTIVE_KEY = "dmipro:fair:active"
 """Sorted set: member = executor id, score = when its registration expires (epoch seconds)."""
+UNCAPPED = 2**62
+"""The cap of a job alone on the fleet (or when Redis cannot be reached)."""
 WEIGHTS_KEY = "dmipro:fair:weight"
 """Hash: executor id -> "weight demand" of its job."""
 
@@ -58,7 +61,7 @@ class FairShare:
         self.slack = max(1, self.fleet_slots // 16) if slack is None else slack
         self.ttl_s, self.refresh_s = ttl_s, refresh_s
         self.id = uuid.uuid4().hex
-        self._share = self.fleet_slots
+        self._share = UNCAPPED
         self._active = 1
         self._next = 0.0
         self._demand = 0
@@ -80,10 +83,10 @@ class FairShare:
             self._demand = demand
             if demand <= 0:
                 self.leave()
-                self._share = self.fleet_slots
+                self._share = UNCAPPED
             else:
                 self._refresh(now, demand)
-        return self._share + self.slack
+        return UNCAPPED if self._share >= UNCAPPED else self._share + self.slack
 
     def _refresh(self, now: float, demand: int) -> None:
         try:
@@ -102,7 +105,7 @@ class FairShare:
             self._joined = True
         except Exception as exc:  # Redis unreachable: keep working at a full share
             log.warning("fair share: cannot reach Redis (%s); this job is not capped for now", exc)
-            self._share, self._active = self.fleet_slots, 1
+            self._share, self._active = UNCAPPED, 1
             return
         me = self.id.encode()
         jobs = {me: (self.weight, float(demand))}
@@ -110,7 +113,10 @@ class FairShare:
             jobs.setdefault(member if isinstance(member, bytes) else str(member).encode(),
                             _decode(weights.get(member)))
         self._active = len(jobs)
-        self._share = max(1, math.ceil(split(self.fleet_slots, jobs)[me]))
+        if len(jobs) == 1:
+            self._share = UNCAPPED
+        else:
+            self._share = max(1, math.ceil(split(self.fleet_slots, jobs)[me]))
 
     def leave(self) -> None:
         """Give this job's share back to the others at once (not after ``ttl_s``)."""

@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 import redis
 
-from dmipro.executor_adapters._fair import ACTIVE_KEY, FairShare, split
+from dmipro.executor_adapters._fair import ACTIVE_KEY, UNCAPPED, FairShare, split
 
 
 def test_split_gives_equal_weights_equal_parts() -> None:
@@ -31,22 +31,22 @@ def test_split_follows_priority() -> None:
     assert parts == {b"urgent": 40.0, b"normal": 20.0}
 
 
-def test_a_job_alone_gets_the_whole_fleet_plus_slack() -> None:
+def test_a_job_alone_is_not_capped() -> None:
     client = fakeredis.FakeRedis()
     share = FairShare(client, 64)
-    assert share.cap(500) == 64 + share.slack
-    assert share.active_jobs == 1
+    assert share.cap(500) == UNCAPPED
+    assert share.active_jobs == 1 and client.zcard(ACTIVE_KEY) == 1
 
 
 def test_two_executors_agree_on_halves_and_the_second_leaving_restores_the_first() -> None:
     client = fakeredis.FakeRedis()
     first, second = FairShare(client, 64, slack=0, refresh_s=0), FairShare(client, 64, slack=0, refresh_s=0)
-    assert first.cap(300) == 64
+    assert first.cap(300) == UNCAPPED  # alone so far
     assert second.cap(300) == 32  # sees the first one
     assert first.cap(300) == 32  # and the first sees it back
     second.leave()
     assert client.zcard(ACTIVE_KEY) == 1
-    assert first.cap(300) == 64
+    assert first.cap(300) == UNCAPPED
 
 
 def test_an_idle_executor_takes_no_share() -> None:
@@ -55,7 +55,7 @@ def test_an_idle_executor_takes_no_share() -> None:
     idle.cap(10)
     assert busy.cap(300) == 54  # the idle-to-be wants only 10
     idle.cap(0)  # nothing left to send: it leaves
-    assert busy.cap(300) == 64
+    assert busy.cap(300) == UNCAPPED
 
 
 def test_an_executor_that_stopped_refreshing_expires() -> None:
@@ -65,7 +65,7 @@ def test_an_executor_that_stopped_refreshing_expires() -> None:
     dead.cap(300)
     assert live.cap(300) == 32
     time.sleep(0.3)
-    assert live.cap(300) == 64
+    assert live.cap(300) == UNCAPPED
     assert client.zcard(ACTIVE_KEY) == 1
 
 
@@ -74,7 +74,7 @@ def test_redis_down_lifts_the_cap_and_says_so(caplog: pytest.LogCaptureFixture) 
 
     client = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
     share = FairShare(client, 16, slack=0)
-    assert share.cap(100) == 16
+    assert share.cap(100) == UNCAPPED
     assert "cannot reach Redis" in caplog.text
 
 
