@@ -12,6 +12,7 @@ from dmipro.jobs.candidate import demo_dict
 from dmipro.jobs.runtime import get_runtime
 from dmipro.lm.usage import metered
 from dmipro.tasks._registry import task
+from dmipro.tasks._speculative import SpeculativeBootstrapFewShot
 
 __all__ = ["bootstrap_demo_set"]
 
@@ -35,7 +36,8 @@ def _quiet_bootstrap_module() -> None:
 @task("bootstrap_demo_set")
 def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
     """Payload: ``job``, ``index``, ``kind``, ``shuffle_seed``, ``max_bootstrapped``, ``max_labeled``,
-    ``max_rounds``, ``metric_threshold``, ``max_errors``.
+    ``max_rounds``, ``metric_threshold``, ``max_errors``; optional ``speculative`` (default
+    true: try several examples at once, same demos as DSPy's sequential loop).
 
     Returns ``{"index", "demos": {predictor: [demo, ...]}, "usage"}``. Semantics are
     ``dspy.BootstrapFewShot``'s (teacher with labeled demos, ``max_rounds``,
@@ -49,6 +51,7 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
     runtime = get_runtime(payload["job"])
     student = runtime.fresh_program()
     kind = payload["kind"]
+    bootstrapper: Any = None
     with correlate(job_id=runtime.job_id), metered() as meter, dspy.context(lm=runtime.task_lm):
         if kind == "zeroshot":
             program = student.reset_copy()
@@ -61,13 +64,20 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
             if payload.get("shuffle_seed") is not None:
                 random.Random(payload["shuffle_seed"]).shuffle(trainset)
             teacher = runtime.teacher_program()
-            program = BootstrapFewShot(
+            # Speculative (several examples at once, same demos) unless the payload asks for
+            # DSPy's one-at-a-time loop.
+            sequential = payload.get("speculative") is False
+            bootstrapper = (BootstrapFewShot if sequential else SpeculativeBootstrapFewShot)(
                 metric=runtime.metric,
                 metric_threshold=payload.get("metric_threshold"),
                 max_bootstrapped_demos=payload["max_bootstrapped"],
                 max_labeled_demos=payload["max_labeled"],
                 max_rounds=payload.get("max_rounds", 1),
                 max_errors=payload.get("max_errors"),
-            ).compile(student, teacher=teacher, trainset=trainset)
+            )
+            program = bootstrapper.compile(student, teacher=teacher, trainset=trainset)
     demos = {name: [demo_dict(d) for d in pred.demos] for name, pred in program.named_predictors()}
-    return {"index": payload["index"], "demos": demos, "usage": meter.usage.to_json()}
+    out = {"index": payload["index"], "demos": demos, "usage": meter.usage.to_json()}
+    if isinstance(bootstrapper, SpeculativeBootstrapFewShot):
+        out["depth"] = bootstrapper.depth  # its calls ran side by side: the chain is shorter
+    return out

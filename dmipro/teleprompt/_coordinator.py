@@ -328,7 +328,9 @@ class Coordinator:
         ]
         for res in self._map("bootstrap_demo_set", payloads, stats.task_lm):
             sets[int(res["index"])] = res["demos"]
-            stats.depth = max(stats.depth, Usage.from_json(res.get("usage")).calls)
+            depth = res.get("depth")  # a speculative bootstrap's chain is shorter than its calls
+            calls = Usage.from_json(res.get("usage")).calls
+            stats.depth = max(stats.depth, int(depth) if isinstance(depth, int) else calls)
         demo_sets = {name: [sets[i][name] for i in range(len(plans))] for name in self.predictors}
         bus.emit(
             "dspy.optimization.bootstrap_complete",
