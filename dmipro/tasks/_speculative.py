@@ -7,8 +7,13 @@ Here the next few examples run at once on threads (each on its own copy of the t
 since DSPy takes the example out of the teacher's demos while it runs), and their
 outcomes are then taken *in DSPy's order*: the same examples succeed, the same traces are
 kept, errors are counted in the same order and ``max_errors`` raises at the same example.
-Once enough examples have succeeded, attempts not yet started are cancelled; the few
-already running finish and are discarded (their LM calls are still counted).
+At most as many examples run ahead as successes are still needed, so when every one of
+them succeeds nothing is wasted; once enough have succeeded no further attempt starts,
+and those already launched finish and are discarded. Their LM calls are counted, and
+their number does not depend on timing: which attempts launch follows only from the
+outcomes taken in order, so a job makes the same calls on any executor (a redelivered or
+resumed task too). Only when an attempt raises past ``max_errors`` are the launched
+attempts that have not started cancelled.
 
 The result is identical to the sequential one because every attempt depends only on its
 example, its round and the teacher, never on the attempts before it (the simulator and
@@ -44,7 +49,7 @@ class _Attempt:
 class SpeculativeBootstrapFewShot(BootstrapFewShot):  # type: ignore[misc]
     """``BootstrapFewShot`` whose bootstrap tries up to ``window`` examples at once; same result.
 
-    ``window`` None: twice the successes still needed (at least 1).
+    ``window`` None: as many examples ahead as successes are still needed.
     """
 
     def __init__(self, *args: Any, window: int | None = None, **kwargs: Any) -> None:
@@ -53,7 +58,7 @@ class SpeculativeBootstrapFewShot(BootstrapFewShot):  # type: ignore[misc]
         self.attempts = 0
         """Attempts whose outcome was used (what sequential DSPy would have run)."""
         self.speculative_attempts = 0
-        """Attempts started but not needed (cancelled before starting ones are not counted)."""
+        """Attempts launched but not needed (their calls are counted in the usage)."""
         self.depth = 0
         """The critical path in LM calls: the longest chain of attempts that waited on each other."""
 
@@ -133,14 +138,15 @@ class SpeculativeBootstrapFewShot(BootstrapFewShot):  # type: ignore[misc]
                 context = contextvars.copy_context()
                 futures[key] = pool.submit(context.run, self._attempt, trainset[key[0]], key[1])
 
-        pool = ThreadPoolExecutor(max_workers=max(1, width or 2 * max_bootstraps),
+        pool = ThreadPoolExecutor(max_workers=max(1, width or max_bootstraps),
                                   thread_name_prefix="dmipro-bootstrap")
+        failed = True
         try:
             for index in range(len(trainset)):
                 if len(bootstrapped) >= max_bootstraps:
                     break
                 need = max_bootstraps - len(bootstrapped)
-                ahead = width or max(1, 2 * need)
+                ahead = width or max(1, need)
                 for j in range(index, min(len(trainset), index + ahead)):
                     launch(pool, (j, 0))  # later rounds only run when DSPy would run them
                 for round_idx in range(self.max_rounds):
@@ -154,10 +160,12 @@ class SpeculativeBootstrapFewShot(BootstrapFewShot):  # type: ignore[misc]
                     if attempt.success:
                         bootstrapped[index] = True
                         break
+            failed = False
         finally:
-            for future in futures.values():
-                future.cancel()
-            pool.shutdown(wait=True)  # the few already running: wait, so their calls are counted
+            if failed:  # past max_errors (or interrupted): start nothing more
+                for future in futures.values():
+                    future.cancel()
+            pool.shutdown(wait=True)  # launched attempts finish, so every call is counted
             total = Usage()
             for key, future in futures.items():
                 if future.cancelled():

@@ -35,11 +35,13 @@ def trainset(seed: int, n: int = 40) -> list[dspy.Example]:
     return rows
 
 
-def compile_with(cls: type, build: Any, seed: int, **settings: Any) -> tuple[dict[str, Any], Any, int]:
+def compile_with(cls: type, build: Any, seed: int, *, sim: dict[str, Any] | None = None,
+                 **settings: Any) -> tuple[dict[str, Any], Any, int]:
     settings = {"max_bootstrapped_demos": 4, "max_labeled_demos": 4, "max_rounds": 1, **settings}
     settings.setdefault("metric", exact_match)
     optimizer = cls(**settings)
-    with metered() as meter, dspy.context(lm=sim_lm("sim/math", temperature=0.0, cache=False)):
+    lm = sim_lm("sim/math", temperature=0.0, cache=False, **(sim or {}))
+    with metered() as meter, dspy.context(lm=lm):
         program = optimizer.compile(build(), teacher=build(), trainset=trainset(seed))
     demos = {name: [demo_dict(d) for d in p.demos] for name, p in program.named_predictors()}
     return demos, optimizer, meter.usage.calls
@@ -93,3 +95,12 @@ def test_the_critical_path_is_shorter_than_dspys_chain() -> None:
     _, dspy_opt, _ = compile_with(CountingBootstrap, build_three, 0)
     _, ours, _ = compile_with(SpeculativeBootstrapFewShot, build_three, 0)
     assert dspy_opt.attempts >= 4 and 0 < ours.depth < 3 * dspy_opt.attempts
+
+
+def test_the_calls_made_do_not_depend_on_timing() -> None:
+    # A redelivered task or a resumed job must count the same calls: which attempts launch
+    # follows from the outcomes in order, never from which thread finished first.
+    _, _, instant = compile_with(SpeculativeBootstrapFewShot, build_three, 4)
+    jittery = {"latency_ms": 5, "latency_dist": "lognormal", "latency_sigma": 1.0}
+    _, ours, slow = compile_with(SpeculativeBootstrapFewShot, build_three, 4, sim=jittery)
+    assert slow == instant and ours.speculative_attempts >= 0
