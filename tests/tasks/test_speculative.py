@@ -102,5 +102,5 @@ def test_the_calls_made_do_not_depend_on_timing() -> None:
     # follows from the outcomes in order, never from which thread finished first.
     _, _, instant = compile_with(SpeculativeBootstrapFewShot, build_three, 4)
     jittery = {"latency_ms": 5, "latency_dist": "lognormal", "latency_sigma": 1.0}
-    _, ours, slow = compile_with(SpeculativeBootstrapFewShot, build_three, 4, sim=jittery)
-    assert slow == instant and ours.speculative_attempts >= 0
+    _, _, slow = compile_with(SpeculativeBootstrapFewShot, build_three, 4, sim=jittery)
+    assert slow == instant
