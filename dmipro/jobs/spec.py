@@ -55,7 +55,8 @@ class LMConfig(BaseModel):
     max_tokens: int | None = None
     api_base: str | None = None
     api_key_env: str | None = None
-    cache: bool | None = None
+    cache: bool | Literal["shared"] | None = None
+    """DSPy's response cache on/off; ``shared``: also one cache for every worker, in Redis."""
     num_retries: int | None = None
     sim: dict[str, Any] | None = None
     """Simulator options (latency_ms, rate_limit_rate, ...); only for ``sim/*`` models."""

@@ -40,6 +40,8 @@ def build_lm(config: Any) -> Any:
         for k, v in config.model_dump(exclude_none=True).items()
         if k not in {"model", "sim", "api_key_env"}
     }
+    if kwargs.get("cache") == "shared":  # DSPy's cache on; the job runtime routes it to Redis
+        kwargs["cache"] = True
     if config.is_sim:
         from dmipro.lm._sim import sim_lm
 

@@ -156,6 +156,7 @@ class Coordinator:
             )
             try:
                 result = self._run(start)
+                result.lm_cache = self._lm_cache_stats()
                 self._save(result)
             except BaseException as exc:
                 if self.executor.remote and database_gone(exc):
@@ -512,6 +513,20 @@ class Coordinator:
             seen.add(i)
             out.append(res)
         return out
+
+    def _lm_cache_stats(self) -> dict[str, Any] | None:
+        """The job's shared LM cache counters, when one of its LMs uses ``cache: shared``."""
+        spec = self.runtime.spec
+        if "shared" not in (spec.lm.cache, spec.effective_prompt_lm.cache):
+            return None
+        from dmipro.config import get_settings
+        from dmipro.lm._shared_cache import shared_cache_stats
+
+        try:
+            return shared_cache_stats(self.job_id, get_settings().broker_url)
+        except Exception as exc:  # the run succeeded; say the numbers are missing, and why
+            log.warning("cannot read the shared LM cache counters: %s", exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     # -- result ----------------------------------------------------------------------
     def _save(self, result: OptimizationResult) -> None:

@@ -68,6 +68,8 @@ class OptimizationResult:
     registered: dict[str, Any] | None = None
     val_ids: list[int] = field(default_factory=list)
     """Indices of the validation examples the scores are computed on."""
+    lm_cache: dict[str, Any] | None = None
+    """With ``lm.cache: shared``: the job's shared-cache hits, misses, deduplicated calls, hit rate."""
 
     @property
     def usage(self) -> Usage:
@@ -91,6 +93,7 @@ class OptimizationResult:
             "stop_reason": self.stop_reason,
             "program_path": self.program_path,
             "registered": self.registered,
+            **({"lm_cache": self.lm_cache} if self.lm_cache is not None else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
