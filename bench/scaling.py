@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -475,7 +476,8 @@ def run_heavy(args: argparse.Namespace, counts: list[int]) -> None:
             wall = report["finished_at"] - report["started_at"]
             tasks, busy = fleet.busy(offsets)
             cpu = sum((_cpu_s(w.proc.pid) or 0.0) - (cpu0.get(w.proc.pid) or 0.0) for w in fleet.workers)
-            latency_s = args.latency_ms * args.latency_scale / 1000
+            # The lognormal's mean, not its median: what a slot waits per call on average.
+            latency_s = args.latency_ms * args.latency_scale / 1000 * math.exp(args.latency_sigma ** 2 / 2)
             lm_bound = report["lm_calls"] * latency_s / slots
             cpu_bound = cpu / (os.cpu_count() or 1)
             run: dict[str, Any] = {
