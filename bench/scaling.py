@@ -645,6 +645,7 @@ def run_many(args: argparse.Namespace, counts: list[int]) -> None:
                     "completion_s": round((o["finished_at"] or 0.0) - t0, 2),
                     "slowdown": round(((o["finished_at"] or 0.0) - t0) / ref["wall_s"], 2),
                     "same_result": all(o[k] == ref[k] for k in _SAME),
+                    "differs_in": [k for k in _SAME if o[k] != ref[k]],
                     "best_score": o["best_score"],
                 })
             slow = [j["slowdown"] for j in jobs]
