@@ -8,11 +8,15 @@ executor, DSPy's ``num_threads``), for several seeds. Each run reports:
 * the score of the final program on the 300 test examples, which neither optimizer sees;
 * task-LM and prompt-LM calls, in total and per phase (bootstrap, propose, search);
 * wall time per phase and in total;
-* for dmipro, a lower bound on the wall time from the LM latency alone:
-  ``max((task + prompt calls) x latency / concurrency, sum of phase depths x latency)``,
-  where a phase's depth is its critical path in LM calls (``PhaseStats.depth``), and the
-  tighter per-phase bound (the same formula per phase, summed, since phases run one after
-  another).
+* for dmipro, a lower bound on the wall time that is honest about CPU as well as LM
+  latency: ``max((task + prompt calls) x latency / concurrency, sum of phase depths x
+  latency, CPU-seconds / cores)``, where a phase's depth is its critical path in LM calls
+  (``PhaseStats.depth``) and CPU-seconds are the process's own (every thread: DSPy's
+  prompt formatting and parsing, the simulator, Optuna, the job store) over the run; and
+  the tighter per-phase bound (the latency formula per phase, summed, since phases run one
+  after another);
+* where the rest of dmipro's wall time goes: per phase, the wall time above that phase's
+  bound, and the time outside the three phases (loading, planning, saving).
 
 DSPy's calls are counted by the simulator engine behind its two ``dspy.LM`` objects (one
 for the task model, one for the prompt model); its phases are timed by wrapping the three
@@ -69,7 +73,8 @@ TASK_CALLS_TARGET = 0.8
 BOUND_TARGET = 1.25
 BOUND_FORMULA = (
     "lower_bound_s = max((task_lm_calls + prompt_lm_calls) * latency_s / concurrency, "
-    "sum(phase.depth) * latency_s); phase.depth = the phase's critical path in LM calls"
+    "sum(phase.depth) * latency_s, cpu_s / cores); phase.depth = the phase's critical path in LM "
+    "calls; cpu_s = the process's user+system CPU seconds over the run (all threads)"
 )
 PHASE_BOUND_FORMULA = (
     "phase_lower_bound_s = sum over phases of max((phase task + prompt calls) * latency_s / concurrency, "
@@ -240,9 +245,12 @@ def dmipro_spec(seed: int, concurrency: int, latency_ms: float) -> dict[str, Any
 def run_dmipro(seed: int, concurrency: int, latency_ms: float) -> dict[str, Any]:
     latency = latency_ms / 1000.0
     spec = dmipro_spec(seed, concurrency, latency_ms)
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     result = dmipro.optimize(spec)
     outer = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0
+    cores = os.cpu_count() or 1
     phases: dict[str, dict[str, Any]] = {}
     depth = phase_bound = 0.0
     for name in PHASES:
@@ -264,7 +272,14 @@ def run_dmipro(seed: int, concurrency: int, latency_ms: float) -> dict[str, Any]
     task_calls = sum(p["task_lm_calls"] for p in phases.values())
     prompt_calls = sum(p["prompt_lm_calls"] for p in phases.values())
     throughput = (task_calls + prompt_calls) * latency / concurrency
-    bound = max(throughput, depth * latency)
+    cpu_bound = cpu_s / cores
+    bound = max(throughput, depth * latency, cpu_bound)
+    # Where the wall time above the bound goes: each phase's excess over its own bound, and
+    # what runs outside the phases (job loading, planning, saving the program).
+    in_phases = sum(p["wall_s"] or 0.0 for p in phases.values())
+    rest = {name: _round(max(0.0, (p["wall_s"] or 0.0) - (p["lower_bound_s"] or 0.0)))
+            for name, p in phases.items()}
+    rest["outside_phases"] = _round(max(0.0, result.wall_s - in_phases))
     row = {
         "optimizer": "dmipro",
         "seed": seed,
@@ -280,7 +295,13 @@ def run_dmipro(seed: int, concurrency: int, latency_ms: float) -> dict[str, Any]
         "depth": int(depth),
         "throughput_bound_s": _round(throughput),
         "depth_bound_s": _round(depth * latency),
+        "cpu_s": _round(cpu_s),
+        "cpu_bound_s": _round(cpu_bound),
+        "bound_kind": max(
+            (("throughput", throughput), ("depth", depth * latency), ("cpu", cpu_bound)), key=lambda kv: kv[1]
+        )[0],
         "lower_bound_s": _round(bound),
+        "wall_above_phase_bounds_s": rest,
         "wall_over_bound": _round(result.wall_s / bound) if bound else None,
         "phase_lower_bound_s": _round(phase_bound),
         "wall_over_phase_bound": _round(result.wall_s / phase_bound) if phase_bound else None,
@@ -340,6 +361,14 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["wall_over_bound_max"] = _round(max(r["wall_over_bound"] for r in rows))
         out["wall_over_phase_bound"] = _round(_mean([r["wall_over_phase_bound"] for r in rows]))
         out["depth"] = _round(_mean([r["depth"] for r in rows]), 1)
+        out["cpu_s"] = _round(_mean([r["cpu_s"] for r in rows]))
+        out["cpu_bound_s"] = _round(_mean([r["cpu_bound_s"] for r in rows]))
+        out["throughput_bound_s"] = _round(_mean([r["throughput_bound_s"] for r in rows]))
+        out["depth_bound_s"] = _round(_mean([r["depth_bound_s"] for r in rows]))
+        out["wall_above_phase_bounds_s"] = {
+            k: _round(_mean([r["wall_above_phase_bounds_s"].get(k) or 0.0 for r in rows]))
+            for k in (*PHASES, "outside_phases")
+        }
         for p in PHASES:
             out["phases"][p]["depth"] = _round(_mean([r["phases"][p]["depth"] for r in rows]), 1)
             out["phases"][p]["lower_bound_s"] = _round(_mean([r["phases"][p]["lower_bound_s"] for r in rows]))
@@ -433,6 +462,13 @@ def print_table(summary: dict[str, Any]) -> None:
             f"concurrency {conc}: dmipro/DSPy wall {r['wall_s']:.3f}, task calls {r['task_lm_calls']:.3f}, "
             f"test score {r['test_score_diff']:+.1f} points; "
             f"wall/bound {block['dmipro']['wall_over_bound']:.3f}"
+        )
+        d = block["dmipro"]
+        print(
+            f"  bound parts: throughput {d['throughput_bound_s']:.2f} s, depth {d['depth_bound_s']:.2f} s, "
+            f"CPU {d['cpu_bound_s']:.2f} s ({d['cpu_s']:.2f} CPU-s / {os.cpu_count()} cores); "
+            "wall above each phase's bound: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in d["wall_above_phase_bounds_s"].items())
         )
         seeds = r["test_score_seeds"]
         print(
@@ -574,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         "test": examples(records("test")),
     }
     rows: list[dict[str, Any]] = []
+    load_before = list(os.getloadavg())  # the machine may be shared: say how busy it was
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmipro-bench-") as home:
         os.environ["DMIPRO_HOME"] = home
@@ -614,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "score_scale": "exact match, percent (0-100)",
             "bench_wall_s": round(time.perf_counter() - started, 1),
+            "load_average_before": load_before,
+            "load_average_after": list(os.getloadavg()),
         },
         "lower_bound_formula": BOUND_FORMULA,
         "phase_lower_bound_formula": PHASE_BOUND_FORMULA,

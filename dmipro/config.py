@@ -79,6 +79,8 @@ class Settings(BaseModel):
     )
     reconcile_grace: float = Field(default=defaults.DEFAULT_RECONCILE_GRACE_S, ge=0,
                                    description="DMIPRO_RECONCILE_GRACE")
+    fair_share: bool = Field(default=True, description="DMIPRO_FAIR_SHARE: cap each job's tasks in the "
+                             "broker to its fair share of the fleet")
 
     @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots",
                      "code_paths",

@@ -19,8 +19,12 @@ __all__ = [
 BACKENDS = ("inline", "thread", "celery", "rq")
 
 
-def make_executor(backend: str, concurrency: int = 16) -> ExecutorAdapter:
-    """Build the executor named ``backend`` with ``concurrency`` slots."""
+def make_executor(backend: str, concurrency: int = 16, *, priority: float = 1.0) -> ExecutorAdapter:
+    """Build the executor named ``backend`` with ``concurrency`` slots.
+
+    ``priority`` is the job's weight in the fair share of a Celery or RQ fleet between
+    the jobs running at once; local executors have the machine to themselves.
+    """
     if backend == "inline":
         return InlineExecutor()
     if backend == "thread":
@@ -28,9 +32,9 @@ def make_executor(backend: str, concurrency: int = 16) -> ExecutorAdapter:
     if backend == "celery":
         from dmipro.executor_adapters.celery import CeleryExecutor
 
-        return CeleryExecutor(concurrency)
+        return CeleryExecutor(concurrency, priority=priority)
     if backend == "rq":
         from dmipro.executor_adapters.rq import RQExecutor
 
-        return RQExecutor(concurrency)
+        return RQExecutor(concurrency, priority=priority)
     raise ConfigError(f"unknown executor backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -39,6 +39,7 @@ from typing import Any
 
 from dmipro import errors
 from dmipro.errors import DmiproError, ExecutorError, TaskError
+from dmipro.executor_adapters._fair import FairShare
 from dmipro.executor_adapters.base import ExecutorAdapter
 
 __all__ = ["Outcome", "RemoteExecutor", "Shipment", "new_task_id", "remote_error"]
@@ -113,8 +114,14 @@ class RemoteExecutor(ExecutorAdapter):
     cancel_grace_s: float = 10.0
     """After a cancel, how long the coordinator may finish its batch before tasks in flight are revoked."""
 
-    def __init__(self, concurrency: int = 16, *, poll_interval: float = 0.05) -> None:
+    def __init__(self, concurrency: int = 16, *, poll_interval: float = 0.05, priority: float = 1.0) -> None:
         super().__init__(concurrency)
+        if priority <= 0:
+            raise ExecutorError(f"priority must be positive, got {priority}")
+        self.priority = priority
+        """This job's weight in the fleet's fair share (see :mod:`._fair`)."""
+        self._fair: FairShare | None = None
+        self._fair_ready = False
         self.poll_interval = max(poll_interval, self.poll_min_s)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -158,6 +165,31 @@ class RemoteExecutor(ExecutorAdapter):
     def _revoke(self, ids: list[str], *, terminate: bool = False) -> None:
         """Best effort: keep these tasks from running; ``terminate`` also stops them if running."""
 
+    def _fair_client(self) -> Any:
+        """The Redis client the fair share between jobs is agreed through; None: no fair share."""
+        return None
+
+    # -- fair share ------------------------------------------------------------------
+    def _take_outbox(self) -> list[tuple[Shipment, Future[dict[str, Any]]]]:
+        """What to send now: the outbox, or as much of it as this job's fair share allows."""
+        if not self._fair_ready:
+            self._fair_ready = True
+            from dmipro.config import get_settings
+
+            client = self._fair_client() if get_settings().fair_share else None
+            if client is not None:
+                self._fair = FairShare(client, self.concurrency, weight=self.priority)
+        with self._lock:
+            demand = len(self._outbox) + len(self._pending)
+        cap = self._fair.cap(demand) if self._fair is not None else None
+        with self._lock:
+            if cap is None:
+                batch, self._outbox = self._outbox, []
+            else:
+                room = max(0, cap - len(self._pending))
+                batch, self._outbox = self._outbox[:room], self._outbox[room:]
+        return batch
+
     # -- the loop --------------------------------------------------------------------
     @property
     def in_flight(self) -> int:
@@ -192,8 +224,7 @@ class RemoteExecutor(ExecutorAdapter):
             with self._lock:
                 if self._closed:
                     return
-                batch, self._outbox = self._outbox, []
-            sent = self._send_batch(batch)
+            sent = self._send_batch(self._take_outbox())
             with self._lock:
                 items = list(self._pending.items())
             cancelled = [tid for tid, (_, fut) in items if fut.cancelled()]
@@ -328,6 +359,8 @@ class RemoteExecutor(ExecutorAdapter):
             except Exception as exc:
                 log.warning("revoking %d %s tasks at close failed: %s", len(leftover), self.name, exc)
         self._fail_all(ExecutorError(f"the {self.name} executor was closed before the task finished"))
+        if self._fair is not None:
+            self._fair.leave()
 
 
 def _complete(fut: Future[dict[str, Any]], outcome: Outcome) -> None:

@@ -44,10 +44,10 @@ class CeleryExecutor(RemoteExecutor):
     name = "celery"
 
     def __init__(self, concurrency: int = 16, *, app: Celery | None = None, queue: str = WORK_QUEUE,
-                 poll_interval: float = 0.05) -> None:
+                 poll_interval: float = 0.05, priority: float = 1.0) -> None:
         from dmipro.workers.celery_app import get_app
 
-        super().__init__(concurrency, poll_interval=poll_interval)
+        super().__init__(concurrency, poll_interval=poll_interval, priority=priority)
         self.app = app or get_app()
         self.queue = queue
         vt = float((self.app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
@@ -129,6 +129,14 @@ class CeleryExecutor(RemoteExecutor):
         for priority in channel.priority_steps:
             parts += client.lrange(channel._q_for_pri(self.queue, priority), 0, -1)
         return b"\0".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
+
+    def _fair_client(self) -> Any:
+        url = str(self.app.conf.broker_url)
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        from redis import Redis
+
+        return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
     def close(self) -> None:
         super().close()

@@ -70,13 +70,13 @@ class RQExecutor(RemoteExecutor):
 
     def __init__(self, concurrency: int = 16, *, connection: Redis | None = None, queue: str = WORK_QUEUE,
                  job_timeout: int | None = None, result_ttl: int | None = None,
-                 poll_interval: float = 0.05) -> None:
+                 poll_interval: float = 0.05, priority: float = 1.0) -> None:
         from rq import Queue
         from rq.serializers import JSONSerializer
 
         from dmipro.workers.rq_worker import RESULT_TTL_S, WORK_TIMEOUT_S, redis_connection
 
-        super().__init__(concurrency, poll_interval=poll_interval)
+        super().__init__(concurrency, poll_interval=poll_interval, priority=priority)
         self.connection = connection or redis_connection()
         self.queue = Queue(queue, connection=self.connection, serializer=JSONSerializer)
         self.job_timeout = job_timeout or WORK_TIMEOUT_S
@@ -85,6 +85,9 @@ class RQExecutor(RemoteExecutor):
         """Seconds between two looks for tasks of dead workers."""
         self._next_lost_check = 0.0
         self._resends: dict[str, int] = {}
+
+    def _fair_client(self) -> Any:
+        return self.connection
 
     def _send(self, shipments: list[Shipment]) -> None:
         from rq import Queue

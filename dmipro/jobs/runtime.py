@@ -141,8 +141,20 @@ class JobRuntime:
         self.prompt_lm = (
             prompt_lm if prompt_lm is not None else build_lm(spec.effective_prompt_lm, shared_url=shared)
         )
+        self._share_caches(task_lm is None, prompt_lm is None)
         self._lock = threading.Lock()
         self._programs: OrderedDict[str, Any] = OrderedDict()
+
+    def _share_caches(self, task: bool, prompt: bool) -> None:
+        """Route the LMs whose config says ``cache: shared`` to the fleet's Redis cache."""
+        from dmipro.config import get_settings
+        from dmipro.lm._shared_cache import share_cache
+
+        url = get_settings().broker_url
+        if task and self.spec.lm.cache == "shared":
+            share_cache(self.task_lm, self.job_id, url)
+        if prompt and self.spec.effective_prompt_lm.cache == "shared":
+            share_cache(self.prompt_lm, self.job_id, url)
 
     def fresh_program(self) -> Any:
         """A new copy of the program as written (no optimization applied)."""

@@ -128,7 +128,8 @@ class LMConfig(BaseModel):
     max_tokens: int | None = None
     api_base: str | None = None
     api_key_env: str | None = None
-    cache: bool | None = None
+    cache: bool | Literal["shared"] | None = None
+    """DSPy's response cache on/off; ``shared``: also one cache for every worker, in Redis."""
     num_retries: int | None = None
     sim: dict[str, Any] | None = None
     """Simulator options (latency_ms, rate_limit_rate, ...); only for ``sim/*`` models."""
@@ -219,6 +220,8 @@ class ExecutorConfig(BaseModel):
     """Largest number of examples one evaluation task scores."""
     force_sqlite: bool = False
     """Allow a SQLite job database with workers that may be on other machines."""
+    priority: float = Field(default=1.0, gt=0, le=100)
+    """Weight in the fleet's fair share between running jobs (Celery, RQ): 2 gets twice the slots of 1."""
 
 
 class RegisterConfig(BaseModel):

@@ -63,6 +63,8 @@ def build_lm(config: Any, *, shared_url: str | None = None) -> Any:
     retry = config.retry
     if config.num_retries is not None and retry.max_attempts is None:
         retry = retry.model_copy(update={"max_attempts": config.num_retries + 1})
+    if kwargs.get("cache") == "shared":  # DSPy's cache on; the job runtime routes it to Redis
+        kwargs["cache"] = True
     if config.is_sim:
         from dmipro.lm._sim import sim_lm
 

@@ -315,6 +315,8 @@ class FaultCounts:
             for name, n in other.by_class.items():
                 self.by_class[name] = self.by_class.get(name, 0) + n
             self.last_error = other.last_error or self.last_error
+            if self.permanent is None:
+                self.permanent = other.permanent
         return self
 
     def to_json(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dmipro.jobs.candidate import demo_dict
 from dmipro.jobs.runtime import get_runtime
 from dmipro.lm.usage import metered
 from dmipro.tasks._registry import task
+from dmipro.tasks._speculative import SpeculativeBootstrapFewShot
 
 __all__ = ["bootstrap_demo_set"]
 
@@ -66,7 +67,8 @@ _QUIET: Any = None
 @task("bootstrap_demo_set")
 def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
     """Payload: ``job``, ``index``, ``kind``, ``shuffle_seed``, ``max_bootstrapped``, ``max_labeled``,
-    ``max_rounds``, ``metric_threshold``, ``max_errors``.
+    ``max_rounds``, ``metric_threshold``, ``max_errors``; optional ``speculative`` (default
+    true: try several examples at once, same demos as DSPy's sequential loop).
 
     Returns ``{"index", "demos": {predictor: [demo, ...]}, "usage"}``. Semantics are
     ``dspy.BootstrapFewShot``'s (teacher with labeled demos, ``max_rounds``,
@@ -78,6 +80,7 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
     runtime = get_runtime(payload["job"])
     student = runtime.fresh_program()
     kind = payload["kind"]
+    bootstrapper: Any = None
     with correlate(job_id=runtime.job_id), metered() as meter, runtime.context(lm=runtime.task_lm):
         if kind == "zeroshot":
             program = student.reset_copy()
@@ -90,7 +93,10 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
             if payload.get("shuffle_seed") is not None:
                 random.Random(payload["shuffle_seed"]).shuffle(trainset)
             teacher = runtime.teacher_program()
-            program = _quiet_bootstrap()(
+            # Speculative (several examples at once, same demos) unless the payload asks for
+            # DSPy's one-at-a-time loop.
+            sequential = payload.get("speculative") is False
+            bootstrapper = (_quiet_bootstrap() if sequential else SpeculativeBootstrapFewShot)(
                 metric=runtime.metric,
                 teacher_settings=runtime.teacher_settings,
                 metric_threshold=payload.get("metric_threshold"),
@@ -98,15 +104,19 @@ def bootstrap_demo_set(payload: dict[str, Any]) -> dict[str, Any]:
                 max_labeled_demos=payload["max_labeled"],
                 max_rounds=payload.get("max_rounds", 1),
                 max_errors=payload.get("max_errors"),
-            ).compile(student, teacher=teacher, trainset=trainset)
+            )
+            program = bootstrapper.compile(student, teacher=teacher, trainset=trainset)
     if meter.faults.permanent is not None:
         # BootstrapFewShot counts a failed example and goes on; a rejected key is no
         # example's fault, and the job must stop on it.
         raise meter.faults.permanent
     demos = {name: [demo_dict(d) for d in pred.demos] for name, pred in program.named_predictors()}
-    return {
+    out = {
         "index": payload["index"],
         "demos": demos,
         "usage": meter.usage.to_json(),
         "faults": meter.faults.to_json(),
     }
+    if isinstance(bootstrapper, SpeculativeBootstrapFewShot):
+        out["depth"] = bootstrapper.depth  # its calls ran side by side: the chain is shorter
+    return out

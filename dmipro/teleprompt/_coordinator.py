@@ -204,6 +204,7 @@ class Coordinator:
             try:
                 with self.store.heartbeat(self.job_id):  # a silent row means a dead coordinator
                     result = self._run(start)
+                    result.lm_cache = self._lm_cache_stats()
                     self._save(result)
             except BaseException as exc:
                 if self.executor.remote and database_gone(exc):
@@ -390,7 +391,9 @@ class Coordinator:
         ]
         for res in self._map("bootstrap_demo_set", payloads, stats.task_lm, stats.faults):
             sets[int(res["index"])] = res["demos"]
-            stats.depth = max(stats.depth, Usage.from_json(res.get("usage")).calls)
+            depth = res.get("depth")  # a speculative bootstrap's chain is shorter than its calls
+            calls = Usage.from_json(res.get("usage")).calls
+            stats.depth = max(stats.depth, int(depth) if isinstance(depth, int) else calls)
         demo_sets = {name: [sets[i][name] for i in range(len(plans))] for name in self.predictors}
         bus.emit(
             "dspy.optimization.bootstrap_complete",
@@ -575,6 +578,20 @@ class Coordinator:
             seen.add(i)
             out.append(res)
         return out
+
+    def _lm_cache_stats(self) -> dict[str, Any] | None:
+        """The job's shared LM cache counters, when one of its LMs uses ``cache: shared``."""
+        spec = self.runtime.spec
+        if "shared" not in (spec.lm.cache, spec.effective_prompt_lm.cache):
+            return None
+        from dmipro.config import get_settings
+        from dmipro.lm._shared_cache import shared_cache_stats
+
+        try:
+            return shared_cache_stats(self.job_id, get_settings().broker_url)
+        except Exception as exc:  # the run succeeded; say the numbers are missing, and why
+            log.warning("cannot read the shared LM cache counters: %s", exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     # -- result ----------------------------------------------------------------------
     def _save(self, result: OptimizationResult) -> None:

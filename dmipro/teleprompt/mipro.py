@@ -483,7 +483,8 @@ def run_job(
     ex = (
         executor
         if isinstance(executor, ExecutorAdapter)
-        else make_executor(executor or runtime.spec.executor.backend, runtime.spec.executor.concurrency)
+        else make_executor(executor or runtime.spec.executor.backend, runtime.spec.executor.concurrency,
+                           priority=runtime.spec.executor.priority)
     )
     try:
         with observability.background_task("optimize"):

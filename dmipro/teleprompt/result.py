@@ -75,6 +75,8 @@ class OptimizationResult:
     registered: dict[str, Any] | None = None
     val_ids: list[int] = field(default_factory=list)
     """Indices of the validation examples the scores are computed on."""
+    lm_cache: dict[str, Any] | None = None
+    """With ``lm.cache: shared``: the job's shared-cache hits, misses, deduplicated calls, hit rate."""
     trial_candidates: dict[int, Candidate] = field(default_factory=dict)
     """Each logged trial's candidate, by trial number (kept in memory, not in the job row)."""
 
@@ -114,6 +116,7 @@ class OptimizationResult:
             "program_path": self.program_path,
             "program_id": self.program_id,
             "registered": self.registered,
+            **({"lm_cache": self.lm_cache} if self.lm_cache is not None else {}),
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""SIGTERM a Celery work worker mid-job, as Kubernetes does when it scales a pod down.
+
+Celery's warm shutdown stops taking messages, finishes the tasks it runs and hands back
+the ones it had reserved; with ``acks_late`` nothing is acknowledged before it is done.
+So a pod stopped within ``terminationGracePeriodSeconds`` loses nothing: the job ends
+with exactly the result of an undisturbed run, and no task counts twice.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from dmipro.jobs import JobStore
+from dmipro.jobs.submit import submit
+from tests.contract.workers import wait_for
+from tests.integration.conftest import CrashStack
+from tests.integration.test_crash import TRIALS, crash_job, finish, reference, scored
+
+pytestmark = pytest.mark.integration
+
+GRACE_S = 60
+"""Shorter than the 120 s terminationGracePeriodSeconds of deploy/k8s/work.yaml."""
+
+
+def test_a_work_worker_stopped_with_sigterm_finishes_its_tasks_and_loses_nothing(
+    crash_stack: CrashStack,
+) -> None:
+    handle = submit(crash_job(100.0), executor="celery")
+    wait_for(lambda: scored(handle.job_id, 10), 120, "trials to be running", interval=0.02)
+    worker = crash_stack.roles.pop("work")
+    assert worker.proc is not None
+    worker.proc.terminate()  # SIGTERM: what the kubelet sends first
+    try:
+        code = worker.proc.wait(GRACE_S)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        pytest.fail(f"the worker did not stop within {GRACE_S} s of SIGTERM\n{crash_stack.logs_text()}")
+    crash_stack.retired.append(worker)
+    assert code == 0, crash_stack.logs_text()
+    assert "Warm shutdown" in worker.log_tail(200)
+    crash_stack.start("work")  # the replacement pod
+    report = finish(handle, crash_stack)
+    assert report["attempts"] == 1
+
+    result = JobStore().get(handle.job_id).result or {}
+    expected = reference()
+    assert result["trials"] == expected["trials"] == TRIALS
+    assert result["best_score"] == expected["best_score"]
+    assert result["best_candidate"] == expected["best_candidate"]
+    assert result["lm_calls"] == expected["lm_calls"]
+    assert result["trial_logs"] == expected["trial_logs"]
