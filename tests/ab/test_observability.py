@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +85,6 @@ def test_otel_counts_outcomes_per_arm_and_alerts_on_a_regression() -> None:
     [span] = [s for s in exporter.get_finished_spans() if s.name == "dmipro.ab.regression"]
     assert [e.name for e in span.events] == ["dspy.ab.regression"]
     assert span.attributes["dmipro.data.program"] == "math_qa"
-
-
-@pytest.fixture
-def fake_langfuse(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLangfuse]:
-    with FakeLangfuse() as fake:
-        monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-dmipro-test")
-        monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-dmipro-test-secret")
-        monkeypatch.setenv("LANGFUSE_BASE_URL", fake.url)
-        monkeypatch.setenv("LANGFUSE_TIMEOUT", "2")
-        yield fake
-        observability.shutdown()
-        from langfuse._client.resource_manager import LangfuseResourceManager
-
-        LangfuseResourceManager.reset()
 
 
 def test_langfuse_scores_are_tagged_with_experiment_and_arm(fake_langfuse: FakeLangfuse) -> None:

@@ -288,3 +288,18 @@ def iter_strings(value: Any) -> Iterator[str]:
     elif isinstance(value, list | tuple):
         for v in value:
             yield from iter_strings(v)
+
+
+@pytest.fixture
+def fake_langfuse(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLangfuse]:
+    """A recording Langfuse server, with the SDK's keys and base URL pointing at it."""
+    with FakeLangfuse() as fake:
+        monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-dmipro-test")
+        monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-dmipro-test-secret")
+        monkeypatch.setenv("LANGFUSE_BASE_URL", fake.url)
+        monkeypatch.setenv("LANGFUSE_TIMEOUT", "2")
+        yield fake
+        observability.shutdown()
+        from langfuse._client.resource_manager import LangfuseResourceManager
+
+        LangfuseResourceManager.reset()
