@@ -199,7 +199,8 @@ def test_without_retry_after_the_backoff_is_jittered_exponential() -> None:
 
 
 def test_a_transient_failure_retried_gives_the_clean_answer() -> None:
-    clean, flaky = _lm(), _lm(rate_limit_rate=0.7, retry_after_s=0.0, server_error_rate=0.2)
+    fast = RetryConfig(initial_backoff_s=0.01, max_backoff_s=0.05)  # the same retries, without the waits
+    clean, flaky = _lm(), _lm(fast, rate_limit_rate=0.7, retry_after_s=0.0, server_error_rate=0.2)
     with metered() as meter:
         answers = [flaky(f"{QUESTION} ({i})") for i in range(10)]  # type: ignore[operator]
     assert answers == [clean(f"{QUESTION} ({i})") for i in range(10)]  # type: ignore[operator]
