@@ -78,6 +78,26 @@ def _unit(unit_id: object) -> str:
     return unit
 
 
+def outcome_row(*, experiment: str | None, arm: str, program: str, version: int, unit_id: object,
+                value: float | bool, latency_ms: float | None, tokens: int | None, cost_usd: float | None,
+                error: bool) -> dict[str, Any]:
+    """One checked outcome row, as the recorder writes it (experiments and the production monitor alike)."""
+    number = _number(value)
+    if not math.isfinite(number):
+        raise ExperimentError(f"an outcome must be a finite number, got {value!r}")
+    for label, extra in (("latency_ms", latency_ms), ("tokens", tokens), ("cost_usd", cost_usd)):
+        if extra is not None and (not math.isfinite(_number(extra)) or _number(extra) < 0):
+            raise ExperimentError(f"{label} must be a finite non-negative number, got {extra!r}")
+    return {
+        "experiment": experiment, "arm": arm, "program": program, "version": version,
+        "unit_id": _unit(unit_id), "value": number,
+        "latency_ms": None if latency_ms is None else float(latency_ms),
+        "tokens": None if tokens is None else int(tokens),
+        "cost_usd": None if cost_usd is None else float(cost_usd),
+        "error": bool(error), "at": time.time(),
+    }
+
+
 _programs_lock = threading.Lock()
 _programs: dict[tuple[str, str, int], Any] = {}
 
@@ -223,33 +243,18 @@ class Experiment:
         are recorded for the deployed version (the production loop, see ``dmipro.ab.monitor``).
         """
         unit = _unit(unit_id)
-        number = _number(value)
-        if not math.isfinite(number):
-            raise ExperimentError(f"an outcome must be a finite number, got {value!r}")
-        for label, extra in (("latency_ms", latency_ms), ("tokens", tokens), ("cost_usd", cost_usd)):
-            if extra is not None and (not math.isfinite(_number(extra)) or _number(extra) < 0):
-                raise ExperimentError(f"{label} must be a finite non-negative number, got {extra!r}")
         if self.running:
             arm = self.treatment if _unit_hash(self.salt, unit) < self.split else self.control
             stored_arm = arm.name
         else:
             arm = self._serving()
             stored_arm = "production"
-        self._recorder.add({
-            "experiment": self.name,
-            "arm": stored_arm,
-            "program": self.program_name,
-            "version": arm.version,
-            "unit_id": unit,
-            "value": number,
-            "latency_ms": None if latency_ms is None else float(latency_ms),
-            "tokens": None if tokens is None else int(tokens),
-            "cost_usd": None if cost_usd is None else float(cost_usd),
-            "error": bool(error),
-            "at": time.time(),
-        })
+        row = outcome_row(experiment=self.name, arm=stored_arm, program=self.program_name,
+                          version=arm.version, unit_id=unit, value=value, latency_ms=latency_ms,
+                          tokens=tokens, cost_usd=cost_usd, error=error)
+        self._recorder.add(row)
         bus.emit("dspy.ab.outcome", experiment=self.name, arm=stored_arm, version=arm.version,
-                 program=self.program_name, metric=self.metric, value=number, latency_ms=latency_ms,
+                 program=self.program_name, metric=self.metric, value=row["value"], latency_ms=latency_ms,
                  tokens=tokens, cost_usd=cost_usd, error=bool(error))
 
     def flush(self) -> int:

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from dmipro.ab import stats
 from dmipro.ab._models import ExperimentRow, OutcomeRow
 from dmipro.ab._recorder import recorder_for
-from dmipro.ab.experiment import REFRESH_S, _load_program, _number, _unit
+from dmipro.ab.experiment import REFRESH_S, _load_program, outcome_row
 from dmipro.config import get_settings
 from dmipro.db import session_scope
 from dmipro.errors import DmiproError, ExperimentError
@@ -112,21 +112,13 @@ class Monitor:
         error: bool = False,
     ) -> None:
         """Record one outcome of the deployed version (buffered, as ``Experiment.record``)."""
-        unit = _unit(unit_id)
-        number = _number(value)
-        if not math.isfinite(number):
-            raise ExperimentError(f"an outcome must be a finite number, got {value!r}")
         version = self._version
-        self._recorder.add({
-            "experiment": None, "arm": "production", "program": self.program_name, "version": version,
-            "unit_id": unit, "value": number,
-            "latency_ms": None if latency_ms is None else float(latency_ms),
-            "tokens": None if tokens is None else int(tokens),
-            "cost_usd": None if cost_usd is None else float(cost_usd),
-            "error": bool(error), "at": time.time(),
-        })
+        row = outcome_row(experiment=None, arm="production", program=self.program_name, version=version,
+                          unit_id=unit_id, value=value, latency_ms=latency_ms, tokens=tokens,
+                          cost_usd=cost_usd, error=error)
+        self._recorder.add(row)
         bus.emit("dspy.ab.outcome", experiment=None, arm="production", version=version,
-                 program=self.program_name, value=number, latency_ms=latency_ms, tokens=tokens,
+                 program=self.program_name, value=row["value"], latency_ms=latency_ms, tokens=tokens,
                  cost_usd=cost_usd, error=bool(error))
 
     def flush(self) -> int:
