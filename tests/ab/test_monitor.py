@@ -86,6 +86,16 @@ def test_too_little_data_is_reported_not_judged() -> None:
     assert result["reference"]["n"] == 100 and result["recent"]["n"] == 20
 
 
+def test_a_bad_production_outcome_is_refused_and_nothing_is_recorded() -> None:
+    register_two(deploy=2)
+    mon = dmipro.ab.monitor("math_qa", reference=100, window=100)
+    with pytest.raises(dmipro.ExperimentError, match="latency_ms must be a finite non-negative number"):
+        mon.record("u1", 1.0, latency_ms=-5.0)
+    with pytest.raises(dmipro.ExperimentError, match="an outcome must be a finite number"):
+        mon.record("u1", float("nan"))
+    assert mon.flush() == 0 and mon.check()["reference"]["n"] == 0
+
+
 def test_monitoring_a_program_with_nothing_deployed_is_a_clear_error() -> None:
     register_two(deploy=None)
     with pytest.raises(dmipro.NotFoundError, match="nothing of 'math_qa' is deployed"):
