@@ -49,7 +49,7 @@ def json_stdout(enabled: bool) -> Iterator[None]:
     :func:`write_json` reaches the real stdout.
     """
     global _json_out
-    if not enabled or _json_out is not None:  # off, or already guarded by an outer command
+    if not enabled:
         yield
         return
     previous = sys.stdout

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dmipro._cli_util import cli_errors, json_stdout, write_json
+from dmipro._cli_util import cli_errors, write_json
 from dmipro.errors import ExperimentError
 
 __all__ = ["ab_app"]
@@ -157,8 +157,7 @@ def offline_command(
     """Score two versions on the same examples and test the difference (McNemar / paired)."""
     from dmipro.ab.offline import compare
 
-    with json_stdout(as_json):
-        result = compare(a, b, job, split=split, executor=executor, concurrency=concurrency, alpha=alpha)
+    result = compare(a, b, job, split=split, executor=executor, concurrency=concurrency, alpha=alpha)
     if as_json:
         write_json(result)
         return
