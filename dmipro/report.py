@@ -138,7 +138,7 @@ def collect(job_id: str, store: JobStore | None = None) -> dict[str, Any]:
     if record is None:
         raise JobNotFoundError(f"no job {job_id!r} in the job database")
     result = record.result or {}
-    url = store.engine.url.render_as_string(hide_password=False)
+    url = store.url
     study = _study(f"dmipro:{job_id}", url)
     started = record.started_at or record.created_at
 

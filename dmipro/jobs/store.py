@@ -136,6 +136,11 @@ class JobStore:
     def __init__(self, url: str | None = None) -> None:
         self.engine = get_engine(url)
 
+    @property
+    def url(self) -> str:
+        """The database URL, password included (for opening the same database elsewhere in-process)."""
+        return str(self.engine.url.render_as_string(hide_password=False))
+
     # jobs -----------------------------------------------------------------
     def create(
         self, *, name: str, spec: dict[str, Any], executor: str, job_id: str | None = None

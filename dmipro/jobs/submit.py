@@ -132,20 +132,9 @@ def _check_broker(executor: str) -> None:
     except Exception as exc:
         from dmipro.config import mask_passwords
 
-        raise ExecutorError(mask_passwords(f"cannot reach the {executor} broker at {_safe_url(url)} "
+        raise ExecutorError(mask_passwords(f"cannot reach the {executor} broker at {url} "
                                            f"({type(exc).__name__}: {exc}); start Redis or set "
                                            "DMIPRO_BROKER_URL")) from None
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        from dmipro.config import mask_passwords
-
-        return mask_passwords(url)
 
 
 def _enqueue(job_id: str, executor: str) -> None:
@@ -362,7 +351,7 @@ class JobHandle:
             from dmipro.storage.database import DatabaseProgramStore
             from dmipro.storage.program import build_program as build_stored
 
-            url = self._store.engine.url.render_as_string(hide_password=False)
+            url = self._store.url
             return build_stored(DatabaseProgramStore(url).load(program_id))
         path = (record.result or {}).get("program_path")
         if not path:

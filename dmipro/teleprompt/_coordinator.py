@@ -286,7 +286,7 @@ class Coordinator:
             instructions=min(self.plan.num_instruct_candidates, n_sets),
             demo_sets=None if self.plan.zeroshot else n_sets,
         )
-        url = self.store.engine.url.render_as_string(hide_password=False)
+        url = self.store.url
         spec = self.runtime.spec
         attrs: dict[str, Any] = {"job": self.job_id, "program": spec.program, "metric": spec.metric}
         attrs["lm"] = spec.lm.model
@@ -634,7 +634,7 @@ class Coordinator:
         """
         from dmipro.storage.database import DatabaseProgramStore
 
-        programs = DatabaseProgramStore(self.store.engine.url.render_as_string(hide_password=False))
+        programs = DatabaseProgramStore(self.store.url)
         saved = programs.list(job_id=self.job_id)
         if saved:  # a resumed coordinator that saved it before it was stopped
             return saved[0].id
@@ -646,7 +646,7 @@ class Coordinator:
 
         spec = self.runtime.spec
         assert spec.registration is not None
-        registry = Registry(self.store.engine.url.render_as_string(hide_password=False))
+        registry = Registry(self.store.url)
         name = spec.registration.name
         try:
             existing = [v for v in registry.versions(name) if v.job_id == self.job_id]
