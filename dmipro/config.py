@@ -81,15 +81,35 @@ class Settings(BaseModel):
                                    description="DMIPRO_RECONCILE_GRACE")
     fair_share: bool = Field(default=True, description="DMIPRO_FAIR_SHARE: cap each job's tasks in the "
                              "broker to its fair share of the fleet")
+    visibility_timeout: float = Field(default=defaults.VISIBILITY_TIMEOUT_S, gt=0,
+                                      description="DMIPRO_VISIBILITY_TIMEOUT")
+    """Seconds before the Redis broker hands a message a silent worker holds to another worker."""
+    lease_ttl: float | None = Field(default=None, gt=0, description="DMIPRO_LEASE_TTL")
+    """Seconds a coordinator's job lease lives without renewal (default: see ``effective_lease_ttl``)."""
+    stale_after: float = Field(default=defaults.STALE_AFTER_S, gt=0, description="DMIPRO_STALE_AFTER")
+    """A running job whose coordinator has not marked it alive for this long is reported ``stale``."""
+    log_level: str = Field(default="INFO", description="DMIPRO_LOG_LEVEL")
+    """Level of the ``dmipro`` loggers in worker processes."""
+    task_modules: tuple[str, ...] = Field(default=(), description="DMIPRO_TASK_MODULES")
+    """Extra modules a worker imports so their task bodies register (each within ``allowed_modules``)."""
+    otel_export_file: str = Field(default="", description="DMIPRO_OTEL_EXPORT_FILE")
+    """A JSON-lines file (``{pid}`` is replaced) every finished span is also written to."""
 
     @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots",
-                     "code_paths",
+                     "code_paths", "task_modules",
                      mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @property
+    def effective_lease_ttl(self) -> float:
+        """``lease_ttl``, by default the visibility timeout bounded to 2..60 s."""
+        if self.lease_ttl is not None:
+            return self.lease_ttl
+        return max(2.0, min(60.0, self.visibility_timeout))
 
     @property
     def effective_database_url(self) -> str:
@@ -114,7 +134,7 @@ class Settings(BaseModel):
             values.update(loaded or {})
         for name in cls.model_fields:
             key = f"DMIPRO_{name.upper()}"
-            if key in env:
+            if key in env and not (env[key] == "" and name in _BLANK_IS_DEFAULT):
                 values[name] = env[key]
         try:
             return cls.model_validate(values)
@@ -125,6 +145,9 @@ class Settings(BaseModel):
                 f"setting {where}: {err['msg']} (from {path} or DMIPRO_{where.upper()})"
             ) from exc
 
+
+_BLANK_IS_DEFAULT = frozenset({"visibility_timeout", "lease_ttl", "stale_after", "log_level"})
+"""Settings an empty environment variable leaves at their default (``DMIPRO_LEASE_TTL=``)."""
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s'\"]*):[^\s'\"]*@")
 

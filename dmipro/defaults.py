@@ -45,6 +45,9 @@ MAX_JOB_ID = 64
 HEARTBEAT_S = 10.0
 """How often a coordinator running on a worker marks its job row as alive."""
 
+VISIBILITY_TIMEOUT_S = 3600.0
+"""Seconds before the Redis broker redelivers a message a silent worker holds (Celery and kombu)."""
+
 STALE_AFTER_S = 60.0
 """A running job whose coordinator has not marked it alive for this long is reported ``stale``."""
 
