@@ -12,21 +12,15 @@ from typing import Any
 from dmipro.errors import JobSpecError
 from dmipro.evaluation import EvaluationResult, Evaluator
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
-from dmipro.jobs import Job, JobStore, forget_runtime, load_job, new_job_id, register_runtime
+from dmipro.jobs import JobStore, forget_runtime, new_job_id, register_runtime
+from dmipro.jobs._load import JobSource, resolve_job
 from dmipro.jobs.candidate import Candidate
+from dmipro.jobs.runtime import check_plan, plan_for
 from dmipro.jobs.store import check_job_id
-from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
+from dmipro.teleprompt._coordinator import Coordinator, ProgressFn
 from dmipro.teleprompt.result import OptimizationResult
 
 __all__ = ["JobSource", "check_plan", "evaluate", "optimize", "resolve_job"]
-
-JobSource = str | Path | dict[str, Any] | Job
-
-
-def resolve_job(source: JobSource) -> Job:
-    """A validated :class:`Job` from a path, a dict or a Job."""
-    return source if isinstance(source, Job) else load_job(source)
-
 
 def evaluate(
     source: JobSource,
@@ -84,13 +78,6 @@ def _executor(
         yield built
     finally:
         built.close()
-
-
-def check_plan(job: Job) -> None:
-    """Raise before anything is written if MIPROv2 cannot run this job (sizes, settings)."""
-    from dmipro.jobs.runtime import JobRuntime
-
-    plan_for(JobRuntime("check", job.spec))
 
 
 def optimize(

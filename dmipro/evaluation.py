@@ -28,6 +28,7 @@ from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.jobs.candidate import Candidate, fingerprint
 from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
+from dmipro.tasks import evaluate as _evaluate_body  # noqa: F401  (registers evaluate_chunk, shipped here)
 
 __all__ = [
     "chunk_size_for",

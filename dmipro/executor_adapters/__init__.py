@@ -1,22 +1,49 @@
-"""Executor adapters: inline, thread (built in), celery and rq (extras, loaded lazily)."""
+"""Executor adapters, the transport layer: inline, thread (built in), celery and rq (extras, loaded lazily).
+
+Below the application: MIPROv2's code hands task names and JSON payloads to an
+:class:`ExecutorAdapter`; the task table (:mod:`.task_table`) maps names to bodies;
+each remote adapter module holds its broker's whole wire protocol, which the workers
+(:mod:`dmipro.workers`) import — never the reverse.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 from dmipro.errors import ConfigError
+from dmipro.executor_adapters._remote import RemoteExecutor
 from dmipro.executor_adapters.base import ExecutorAdapter, encode_payload
 from dmipro.executor_adapters.inline import InlineExecutor
 from dmipro.executor_adapters.thread import ThreadExecutor
 
 __all__ = [
     "BACKENDS",
+    "REMOTE_BACKENDS",
     "ExecutorAdapter",
     "InlineExecutor",
+    "RemoteExecutor",
     "ThreadExecutor",
     "encode_payload",
     "make_executor",
+    "remote_adapter",
 ]
 
 BACKENDS = ("inline", "thread", "celery", "rq")
+
+REMOTE_BACKENDS = ("celery", "rq")
+"""The backends whose tasks run on workers, each with its adapter module (loaded on first use)."""
+
+_REMOTE_CLASSES = {"celery": "CeleryExecutor", "rq": "RQExecutor"}
+
+
+def remote_adapter(backend: str) -> type[RemoteExecutor]:
+    """The adapter class of remote ``backend`` (it also speaks the job's coordinator protocol)."""
+    if backend not in _REMOTE_CLASSES:
+        raise ConfigError(f"executor must be one of {', '.join(REMOTE_BACKENDS)}, got {backend!r}")
+    # The extras load here, on first use: `import dmipro` needs neither Celery nor RQ.
+    cls: type[RemoteExecutor] = getattr(importlib.import_module(f"dmipro.executor_adapters.{backend}"),
+                                        _REMOTE_CLASSES[backend])
+    return cls
 
 
 def make_executor(backend: str, concurrency: int = 16, *, priority: float = 1.0) -> ExecutorAdapter:
@@ -29,12 +56,6 @@ def make_executor(backend: str, concurrency: int = 16, *, priority: float = 1.0)
         return InlineExecutor()
     if backend == "thread":
         return ThreadExecutor(concurrency)
-    if backend == "celery":
-        from dmipro.executor_adapters.celery import CeleryExecutor
-
-        return CeleryExecutor(concurrency, priority=priority)
-    if backend == "rq":
-        from dmipro.executor_adapters.rq import RQExecutor
-
-        return RQExecutor(concurrency, priority=priority)
+    if backend in REMOTE_BACKENDS:
+        return remote_adapter(backend)(concurrency, priority=priority)
     raise ConfigError(f"unknown executor backend {backend!r}; choose one of {', '.join(BACKENDS)}")

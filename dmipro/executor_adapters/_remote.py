@@ -169,6 +169,41 @@ class RemoteExecutor(ExecutorAdapter):
         """The Redis client the fair share between jobs is agreed through; None: no fair share."""
         return None
 
+    # -- a job's coordinator message: the wire protocol of ``optimize`` --------------
+    # A job on workers is one coordinator message on ``dmipro.coordinator``; a worker that
+    # takes it runs the job (see :mod:`dmipro.workers.optimize`). Submitting, cancelling,
+    # status and the reconciler speak to it through these, whatever the broker.
+    @classmethod
+    def check_broker(cls) -> None:
+        """Raise when the broker cannot be reached now."""
+        raise NotImplementedError
+
+    @classmethod
+    def enqueue_coordinator(cls, job_id: str, executor: str | None = None) -> str:
+        """Send job ``job_id``'s coordinator (its work tasks go to ``executor``, by default this
+        backend); returns the message id."""
+        raise NotImplementedError
+
+    @classmethod
+    def resend_coordinator(cls, job_id: str, executor: str) -> str:
+        """Send the coordinator again after its message was lost."""
+        return cls.enqueue_coordinator(job_id, executor)
+
+    @classmethod
+    def cancel_coordinator(cls, job_id: str) -> None:
+        """Keep a job's coordinator from starting if it is still queued (best effort)."""
+        raise NotImplementedError
+
+    @classmethod
+    def coordinator_consumers(cls, timeout: float = 1.0) -> int:
+        """How many live workers consume ``dmipro.coordinator``, asked now."""
+        raise NotImplementedError
+
+    @classmethod
+    def held_coordinators(cls, job_ids: list[str]) -> set[str]:
+        """The jobs among ``job_ids`` whose coordinator message is queued or held by a live worker."""
+        raise NotImplementedError
+
     # -- fair share ------------------------------------------------------------------
     def _take_outbox(self) -> list[tuple[Shipment, Future[dict[str, Any]]]]:
         """What to send now: the outbox, or as much of it as this job's fair share allows."""

@@ -18,35 +18,16 @@ Contract for adapters:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from types import TracebackType
 from typing import Any, ClassVar
 
-from dmipro.errors import DecodeError, ExecutorError
+from dmipro.errors import ExecutorError
+from dmipro.executor_adapters.task_table import decode_payload, encode_payload, get_task
+from dmipro.tracing import inject
 
 __all__ = ["ExecutorAdapter", "decode_payload", "encode_payload"]
-
-
-def encode_payload(payload: dict[str, Any]) -> str:
-    """The payload as JSON text; anything that is not plain JSON is refused."""
-    try:
-        return json.dumps(payload, allow_nan=False, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"task payload is not JSON-serializable: {exc}") from exc
-
-
-def decode_payload(body: Any, *, what: str) -> dict[str, Any]:
-    """A payload's JSON text as a dict; anything else (or JSON nested too deep) is a DecodeError."""
-    try:
-        payload = json.loads(body)
-    except (TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise DecodeError(f"{what}: payload is not JSON ({detail})") from None
-    if not isinstance(payload, dict):
-        raise DecodeError(f"{what}: payload must be a JSON object, not {type(payload).__name__}")
-    return payload
 
 
 class ExecutorAdapter:
@@ -72,9 +53,6 @@ class ExecutorAdapter:
 
     def _encode(self, task: str, payloads: Iterable[dict[str, Any]]) -> list[str]:
         """Check the task name and encode every payload, before anything is shipped."""
-        from dmipro.tasks import get_task
-        from dmipro.tracing import inject
-
         get_task(task)  # an unknown name fails here, in the caller, not on a worker
         carrier = inject()
         return [encode_payload({**p, "_trace": carrier} if carrier else p) for p in payloads]

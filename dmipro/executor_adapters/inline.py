@@ -6,6 +6,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from dmipro.executor_adapters.base import ExecutorAdapter
+from dmipro.executor_adapters.task_table import execute
 
 __all__ = ["InlineExecutor"]
 
@@ -19,8 +20,6 @@ class InlineExecutor(ExecutorAdapter):
         super().__init__(1)
 
     def _ship(self, task: str, body: str) -> Future[dict[str, Any]]:
-        from dmipro.tasks import execute
-
         fut: Future[dict[str, Any]] = Future()
         try:
             fut.set_result(execute(task, body))

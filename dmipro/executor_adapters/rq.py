@@ -1,10 +1,16 @@
-"""Tasks on RQ workers, through the ``dmipro.work`` queue.
+"""RQ: the wire protocol (function paths, timeouts, the coordinator job) and the adapter.
 
-Shipping batches everything submitted since the last cycle into one
+**The protocol.** Jobs use RQ's JSON serializer and name their function by dotted path:
+:data:`TASK_FUNC` (``run_task(name, body)``) for work tasks on ``dmipro.work`` and
+:data:`OPTIMIZE_FUNC` (``run_optimize(body)``) for a job's coordinator on
+``dmipro.coordinator``, with the RQ job id :func:`coordinator_job_id`. The sender's W3C
+trace context travels in the job's ``meta["trace"]``. The functions themselves live in
+:mod:`dmipro.workers.rq_worker`; this module names them and never imports the worker.
+
+**The adapter.** Shipping batches everything submitted since the last cycle into one
 ``Queue.enqueue_many`` call (one Redis pipeline); collecting fetches every job in flight
-with ``Job.fetch_many`` and reads the results of the finished ones. Jobs use RQ's JSON
-serializer, carry the sender's W3C trace context in their meta, and have timeouts sized
-for LM work (:data:`~dmipro.workers.rq_worker.WORK_TIMEOUT_S`).
+with ``Job.fetch_many`` and reads the results of the finished ones. Timeouts are sized
+for LM work (:data:`WORK_TIMEOUT_S`).
 
 RQ marks the job of a worker that died (SIGKILL, a lost machine) as abandoned only when
 the job's timeout has passed, an hour for LM work. dmipro's RQ workers keep their worker
@@ -17,21 +23,64 @@ idempotent and each id is consumed once, so a second run is harmless; after
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import Any
 
-from dmipro.defaults import WORK_QUEUE
+from dmipro import tracing
+from dmipro._imports import guarded
+from dmipro.config import get_settings
+from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
 from dmipro.errors import DecodeError, DmiproError, TaskError
 from dmipro.executor_adapters._remote import Outcome, RemoteExecutor, Shipment, remote_error
 
-if TYPE_CHECKING:
+with guarded(extra="rq", purpose="the RQ executor"):
     from redis import Redis
+    from rq import Queue, Worker
+    from rq.command import send_stop_job_command
+    from rq.exceptions import InvalidJobOperation, NoSuchJobError
+    from rq.job import Job, JobStatus
+    from rq.serializers import JSONSerializer
 
-__all__ = ["MAX_RESENDS", "WORKER_ALIVE_TTL_S", "RQExecutor", "dead_workers", "worker_key"]
+__all__ = [
+    "COORDINATOR_TIMEOUT_S",
+    "FAILURE_TTL_S",
+    "MAX_RESENDS",
+    "OPTIMIZE_FUNC",
+    "RESULT_TTL_S",
+    "TASK_FUNC",
+    "WORKER_ALIVE_TTL_S",
+    "WORK_TIMEOUT_S",
+    "RQExecutor",
+    "coordinator_job_id",
+    "dead_workers",
+    "redis_connection",
+    "worker_key",
+]
 
 log = logging.getLogger(__name__)
+
+TASK_FUNC = "dmipro.workers.rq_worker.run_task"
+"""Dotted path of the work-task job function."""
+
+OPTIMIZE_FUNC = "dmipro.workers.rq_worker.run_optimize"
+"""Dotted path of the coordinator job function."""
+
+WORK_TIMEOUT_S = 3600
+"""Job timeout of a work task: a chunk of LM calls, with provider retries and back-off."""
+
+COORDINATOR_TIMEOUT_S = 7 * 24 * 3600
+"""Job timeout of a coordinator: a whole optimization."""
+
+RESULT_TTL_S = 24 * 3600
+"""How long results stay in Redis (the coordinator reads them within moments)."""
+
+FAILURE_TTL_S = 7 * 24 * 3600
+"""How long failed jobs stay in RQ's failed registry, for inspection."""
 
 WORKER_ALIVE_TTL_S = 15
 """Seconds a dmipro RQ worker's key outlives its last heartbeat (it beats every third of that)."""
@@ -40,10 +89,18 @@ MAX_RESENDS = 3
 """How often one task is sent again (dead worker, vanished job) before it fails."""
 
 
+def redis_connection(url: str | None = None) -> Redis:
+    """A Redis connection to ``url`` (default: the settings' broker URL)."""
+    return Redis.from_url(url or get_settings().broker_url)
+
+
+def coordinator_job_id(job_id: str) -> str:
+    """The RQ job id of a job's coordinator (RQ ids allow letters, digits, ``_`` and ``-``)."""
+    return "optimize-" + re.sub(r"[^A-Za-z0-9_-]", "_", job_id)
+
+
 def worker_key(name: str) -> str:
     """RQ's Redis key of worker ``name`` (it exists while the worker lives)."""
-    from rq.worker import Worker
-
     return str(Worker.redis_worker_namespace_prefix) + name
 
 
@@ -71,11 +128,6 @@ class RQExecutor(RemoteExecutor):
     def __init__(self, concurrency: int = 16, *, connection: Redis | None = None, queue: str = WORK_QUEUE,
                  job_timeout: int | None = None, result_ttl: int | None = None,
                  poll_interval: float = 0.05, priority: float = 1.0) -> None:
-        from rq import Queue
-        from rq.serializers import JSONSerializer
-
-        from dmipro.workers.rq_worker import RESULT_TTL_S, WORK_TIMEOUT_S, redis_connection
-
         super().__init__(concurrency, poll_interval=poll_interval, priority=priority)
         self.connection = connection or redis_connection()
         self.queue = Queue(queue, connection=self.connection, serializer=JSONSerializer)
@@ -90,10 +142,6 @@ class RQExecutor(RemoteExecutor):
         return self.connection
 
     def _send(self, shipments: list[Shipment]) -> None:
-        from rq import Queue
-
-        from dmipro.workers.rq_worker import FAILURE_TTL_S, TASK_FUNC
-
         self.queue.enqueue_many([
             Queue.prepare_data(
                 TASK_FUNC, args=(s.task, s.body), timeout=self._timeout(s.task), result_ttl=self.result_ttl,
@@ -109,9 +157,6 @@ class RQExecutor(RemoteExecutor):
         return int(limit) + 30 if limit else self.job_timeout
 
     def _fetch(self, ids: list[str]) -> dict[str, Outcome]:
-        from rq.job import Job, JobStatus
-        from rq.serializers import JSONSerializer
-
         out: dict[str, Outcome] = {}
         jobs = Job.fetch_many(ids, connection=self.connection, serializer=JSONSerializer)
         lost: dict[str, str] = {}
@@ -179,11 +224,6 @@ class RQExecutor(RemoteExecutor):
         return entry[0].task if entry else "?"
 
     def _revoke(self, ids: list[str], *, terminate: bool = False) -> None:
-        from rq.command import send_stop_job_command
-        from rq.exceptions import InvalidJobOperation, NoSuchJobError
-        from rq.job import Job, JobStatus
-        from rq.serializers import JSONSerializer
-
         for job in Job.fetch_many(ids, connection=self.connection, serializer=JSONSerializer):
             if job is None:
                 continue
@@ -196,6 +236,80 @@ class RQExecutor(RemoteExecutor):
             except (InvalidJobOperation, NoSuchJobError):
                 pass
 
+
+    # -- a job's coordinator message -----------------------------------------------------
+    @classmethod
+    def check_broker(cls) -> None:
+        redis_connection().ping()
+
+    @classmethod
+    def enqueue_coordinator(cls, job_id: str, executor: str | None = None, *,
+                            connection: Redis | None = None) -> str:
+        connection = connection or redis_connection()
+        queue = Queue(COORDINATOR_QUEUE, connection=connection, serializer=JSONSerializer)
+        rq_id = coordinator_job_id(job_id)
+        queue.enqueue_call(
+            OPTIMIZE_FUNC, args=(json.dumps({"job_id": job_id, "executor": executor or cls.name}),),
+            timeout=COORDINATOR_TIMEOUT_S, result_ttl=FAILURE_TTL_S, failure_ttl=FAILURE_TTL_S, job_id=rq_id,
+            meta={"trace": tracing.inject(), "job_id": job_id},
+            description=f"dmipro.optimize(job_id={job_id})",
+        )
+        return rq_id
+
+    @classmethod
+    def resend_coordinator(cls, job_id: str, executor: str) -> str:
+        connection = redis_connection()
+        rq_id = coordinator_job_id(job_id)
+        old = Job.fetch_many([rq_id], connection=connection, serializer=JSONSerializer)[0]
+        if old is not None:
+            old.delete()  # out of the registries of the dead worker; the same id is used again
+        return cls.enqueue_coordinator(job_id, executor, connection=connection)
+
+    @classmethod
+    def cancel_coordinator(cls, job_id: str) -> None:
+        try:
+            job = Job.fetch(coordinator_job_id(job_id), connection=redis_connection(),
+                            serializer=JSONSerializer)
+            if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+                job.cancel()
+        except (NoSuchJobError, InvalidJobOperation):
+            pass
+
+    @classmethod
+    def coordinator_consumers(cls, timeout: float = 1.0) -> int:
+        connection = redis_connection()
+        now = datetime.now(UTC)
+        live = 0
+        queue = Queue(COORDINATOR_QUEUE, connection=connection)
+        for worker in Worker.all(connection=connection, queue=queue):
+            beat = worker.last_heartbeat
+            if beat is not None and beat.tzinfo is None:
+                beat = beat.replace(tzinfo=UTC)
+            if beat is None or (now - beat).total_seconds() <= max(worker.worker_ttl, 60):
+                live += 1
+        return live
+
+    @classmethod
+    def held_coordinators(cls, job_ids: list[str]) -> set[str]:
+        client = redis_connection()
+        queue = Queue(COORDINATOR_QUEUE, connection=client, serializer=JSONSerializer)
+        rq_ids = [coordinator_job_id(j) for j in job_ids]
+        jobs = Job.fetch_many(rq_ids, connection=client, serializer=JSONSerializer)
+        queued = {i.decode() if isinstance(i, bytes) else str(i) for i in client.lrange(queue.key, 0, -1)}
+        started = {j.id: j.worker_name for j in jobs
+                   if j is not None and j.get_status(refresh=False) == JobStatus.STARTED and j.worker_name}
+        dead = dead_workers(client, started.values())
+        out = set()
+        for job_id, rq_id, job in zip(job_ids, rq_ids, jobs, strict=True):
+            if job is None:
+                continue
+            status = job.get_status(refresh=False)
+            if (status == JobStatus.QUEUED and rq_id in queued) or status in (JobStatus.DEFERRED,
+                                                                               JobStatus.SCHEDULED):
+                out.add(job_id)
+            elif status == JobStatus.STARTED and rq_id in started and started[rq_id] not in dead:
+                out.add(job_id)
+        return out
 
 def _failure(task: str, job: Any) -> DmiproError:
     meta = job.meta if isinstance(job.meta, dict) else {}  # a job written by something else

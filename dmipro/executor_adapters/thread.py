@@ -6,6 +6,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from dmipro.executor_adapters.base import ExecutorAdapter
+from dmipro.executor_adapters.task_table import execute
 
 __all__ = ["ThreadExecutor"]
 
@@ -21,8 +22,6 @@ class ThreadExecutor(ExecutorAdapter):
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dmipro-task")
 
     def _ship(self, task: str, body: str) -> Future[dict[str, Any]]:
-        from dmipro.tasks import execute
-
         return self._pool.submit(execute, task, body)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.spec import JobSpec, LMConfig
 from dmipro.refs import ensure_importable, import_ref, trusted_code_paths
 
-__all__ = ["Job", "build_program", "load_job", "parse_spec", "required_fields"]
+__all__ = ["Job", "JobSource", "build_program", "load_job", "parse_spec", "required_fields", "resolve_job"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +185,12 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
     spec = spec.model_copy(update=update)
     check_caps(spec)
     return Job(spec=spec, base_dir=base)
+
+
+JobSource = str | Path | dict[str, Any] | Job
+"""What every entry point takes as a job: a YAML or JSON path, a dict, or a loaded :class:`Job`."""
+
+
+def resolve_job(source: JobSource) -> Job:
+    """A validated :class:`Job` from a path, a dict or a Job."""
+    return source if isinstance(source, Job) else load_job(source)

@@ -14,10 +14,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from dmipro.errors import JobSpecError
-from dmipro.jobs._load import build_program
-from dmipro.jobs.candidate import Candidate, apply_candidate, fingerprint
+from dmipro.config import get_settings
+from dmipro.errors import JobSpecError, OptimizationError
+from dmipro.jobs._datasets import fingerprint_records
+from dmipro.jobs._limits import check_caps
+from dmipro.jobs._load import Job, build_program
+from dmipro.jobs._policy import check_lm_policy
+from dmipro.jobs.candidate import Candidate, apply_candidate, demo_dict, fingerprint
+from dmipro.jobs.plan import RunPlan, default_split, plan_run
 from dmipro.jobs.spec import JobSpec
+from dmipro.jobs.store import JobStore
+from dmipro.lm import build_lm, callbacks
+from dmipro.lm._shared_cache import share_cache
 from dmipro.refs import import_ref
 
 __all__ = [
@@ -25,8 +33,10 @@ __all__ = [
     "MAX_RUNTIMES",
     "JobRuntime",
     "capture_dspy_settings",
+    "check_plan",
     "forget_runtime",
     "get_runtime",
+    "plan_for",
     "register_runtime",
     "settings_of",
     "shared_limit_url",
@@ -102,12 +112,9 @@ class JobRuntime:
         """
         import dspy
 
-        from dmipro.jobs._policy import check_lm_policy
-        from dmipro.lm import build_lm
 
         # Before anything is imported or built: a refused job costs the worker nothing.
         if remote:
-            from dmipro.jobs._limits import check_caps
 
             check_caps(spec)
         check_lm_policy(spec.lm, "lm", remote=remote)
@@ -128,7 +135,6 @@ class JobRuntime:
             if isinstance(records, list) and split not in self.examples:
                 self.examples[split] = [dspy.Example(**r).with_inputs(*spec.input_keys) for r in records]
         if "val" not in self.examples:
-            from dmipro.teleprompt._plan import default_split
 
             # DSPy's rule: without a valset, the last 80% of the trainset validates.
             cut, _ = default_split(len(self.examples["train"]))
@@ -147,8 +153,6 @@ class JobRuntime:
 
     def _share_caches(self, task: bool, prompt: bool) -> None:
         """Route the LMs whose config says ``cache: shared`` to the fleet's Redis cache."""
-        from dmipro.config import get_settings
-        from dmipro.lm._shared_cache import share_cache
 
         url = get_settings().broker_url
         if task and self.spec.lm.cache == "shared":
@@ -172,7 +176,6 @@ class JobRuntime:
         """``dspy.context`` with the caller's captured settings, then ``overrides`` (``lm=...``)."""
         import dspy
 
-        from dmipro.lm import callbacks
 
         settings = {**self.dspy_settings, **overrides}
         own = callbacks.callback()
@@ -201,8 +204,6 @@ class JobRuntime:
 
     def data_fingerprints(self) -> dict[str, str]:
         """A short content hash per split, for the stored program's metadata."""
-        from dmipro.jobs._datasets import fingerprint_records
-        from dmipro.jobs.candidate import demo_dict
 
         return {k: fingerprint_records([demo_dict(e) for e in v]) for k, v in self.examples.items()}
 
@@ -225,7 +226,6 @@ def shared_limit_url(spec: JobSpec) -> str | None:
     """
     if spec.executor.backend not in ("celery", "rq"):
         return None
-    from dmipro.config import get_settings
 
     settings = get_settings()
     for url in (settings.broker_url, settings.result_backend):
@@ -267,7 +267,6 @@ def get_runtime(job_id: str) -> JobRuntime:
             _runtimes.move_to_end(job_id)
     if runtime is not None:
         return runtime
-    from dmipro.jobs.store import JobStore
 
     spec = JobSpec.model_validate(JobStore().get(job_id).spec)
     return register_runtime(job_id, spec, remote=True)
@@ -277,3 +276,29 @@ def forget_runtime(job_id: str) -> None:
     """Drop a job's runtime from this process (when the job is finished)."""
     with _lock:
         _runtimes.pop(job_id, None)
+
+
+def plan_for(runtime: JobRuntime) -> RunPlan:
+    """The run plan of a job (sizes, trials, validation ids); raises OptimizationError if it cannot run."""
+    opt = runtime.spec.optimizer
+    val_size = len(runtime.split("val"))
+    if val_size < 2:
+        raise OptimizationError(f"the valset has {val_size} example; MIPROv2 needs at least 2")
+    return plan_run(
+        auto=opt.auto,
+        num_candidates=opt.num_candidates,
+        num_trials=opt.num_trials,
+        num_predictors=len(runtime.fresh_program().named_predictors()),
+        val_size=val_size,
+        max_bootstrapped_demos=opt.max_bootstrapped_demos,
+        max_labeled_demos=opt.max_labeled_demos,
+        minibatch=opt.minibatch,
+        minibatch_size=opt.minibatch_size,
+        minibatch_full_eval_steps=opt.minibatch_full_eval_steps,
+        seed=opt.seed,
+    )
+
+
+def check_plan(job: Job) -> None:
+    """Raise before anything is written if MIPROv2 cannot run this job (sizes, settings)."""
+    plan_for(JobRuntime("check", job.spec))

@@ -18,6 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dmipro.config import get_settings, mask_passwords
+from dmipro.db import is_sqlite
+from dmipro.defaults import COORDINATOR_QUEUE
 from dmipro.errors import (
     ConfigError,
     DmiproError,
@@ -27,8 +30,15 @@ from dmipro.errors import (
     OptimizationError,
     StorageError,
 )
-from dmipro.jobs._load import Job, build_program, load_job
+from dmipro.executor_adapters import REMOTE_BACKENDS, RemoteExecutor, remote_adapter
+from dmipro.jobs._load import Job, JobSource, build_program, resolve_job
+from dmipro.jobs._policy import check_lm_policy
+from dmipro.jobs.runtime import check_plan
+from dmipro.jobs.spec import JobSpec
 from dmipro.jobs.store import JobRecord, JobState, JobStore, check_job_id
+from dmipro.refs import ensure_importable, trusted_code_paths
+from dmipro.storage.database import DatabaseProgramStore
+from dmipro.storage.program import build_program as build_stored
 
 __all__ = [
     "REMOTE_EXECUTORS",
@@ -43,14 +53,11 @@ __all__ = [
     "wait",
 ]
 
-REMOTE_EXECUTORS = ("celery", "rq")
+REMOTE_EXECUTORS = REMOTE_BACKENDS
 """Executors whose workers pick up submitted jobs."""
 
 _CONSUMER_CHECK_S = 5.0
 """How often ``wait`` asks the broker whether a queued job's coordinator queue has a consumer."""
-
-JobSource = str | Path | dict[str, Any] | Job
-
 
 def check_database_for(job: Job, executor: str, *, url: str | None = None) -> None:
     """Refuse a SQLite job database for workers that may run on other machines.
@@ -58,9 +65,6 @@ def check_database_for(job: Job, executor: str, *, url: str | None = None) -> No
     Allowed when the job sets ``executor.force_sqlite`` or ``DMIPRO_ALLOW_SQLITE_REMOTE``
     is set: then every worker must run on this machine and see the same file.
     """
-    from dmipro.config import get_settings
-    from dmipro.db import is_sqlite
-
     settings = get_settings()
     url = url or settings.effective_database_url
     if not is_sqlite(url) or job.spec.executor.force_sqlite or settings.allow_sqlite_remote:
@@ -86,26 +90,23 @@ def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = No
                           "dmipro optimize instead)")
     if job_id is not None:
         check_job_id(job_id)
-    job = spec if isinstance(spec, Job) else load_job(spec)
-    from dmipro.jobs._policy import check_lm_policy
-
+    job = resolve_job(spec)
     check_lm_policy(job.spec.lm, "lm", remote=True)  # workers apply the same rules with their settings
     if job.spec.prompt_lm is not None:
         check_lm_policy(job.spec.prompt_lm, "prompt_lm", remote=True)
-    from dmipro.api import check_plan  # the run plan needs the teleprompt package, which imports jobs
-
     check_plan(job)  # sizes and settings MIPROv2 cannot run with fail here, not on a worker
     check_database_for(job, executor)
     store = JobStore()
     if job_id is not None and store.find(job_id) is not None:
         raise JobSpecError(f"a job with id {job_id!r} already exists; pick another id or leave it out")
-    _check_broker(executor)
+    adapter = remote_adapter(executor)
+    _check_broker(adapter)
     backend = job.spec.executor.model_copy(update={"backend": executor})
     job_spec = job.spec.model_copy(update={"executor": backend})
     record = store.create(name=job_spec.name, spec=job_spec.model_dump(mode="json"), executor=executor,
                           job_id=job_id)
     try:
-        _enqueue(record.id, executor)
+        adapter.enqueue_coordinator(record.id, executor)
     except Exception as exc:
         message = f"could not enqueue the coordinator on {executor}: {type(exc).__name__}: {exc}"
         store.finish(record.id, JobState.FAILED, error=message)
@@ -113,39 +114,16 @@ def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = No
     return JobHandle(record.id, store=store)
 
 
-def _check_broker(executor: str) -> None:
-    from dmipro.config import get_settings
-
-    url = get_settings().broker_url
+def _check_broker(adapter: type[RemoteExecutor]) -> None:
     try:
-        if executor == "celery":
-            from dmipro.workers.celery_app import get_app
-
-            with get_app().connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=5)
-        else:
-            from dmipro.workers.rq_worker import redis_connection
-
-            redis_connection().ping()
+        adapter.check_broker()
     except DmiproError:
         raise
     except Exception as exc:
-        from dmipro.config import mask_passwords
-
-        raise ExecutorError(mask_passwords(f"cannot reach the {executor} broker at {url} "
+        url = get_settings().broker_url
+        raise ExecutorError(mask_passwords(f"cannot reach the {adapter.name} broker at {url} "
                                            f"({type(exc).__name__}: {exc}); start Redis or set "
                                            "DMIPRO_BROKER_URL")) from None
-
-
-def _enqueue(job_id: str, executor: str) -> None:
-    if executor == "celery":
-        from dmipro.workers.celery_app import send_optimize
-
-        send_optimize(job_id, executor)
-    else:
-        from dmipro.workers.rq_worker import enqueue_optimize
-
-        enqueue_optimize(job_id, executor)
 
 
 def coordinator_consumers(executor: str, *, timeout: float = 1.0) -> int:
@@ -155,32 +133,8 @@ def coordinator_consumers(executor: str, *, timeout: float = 1.0) -> int:
     RQ: the workers registered on the queue whose last heartbeat is within their TTL.
     Raises :class:`~dmipro.errors.ExecutorError` when the broker cannot be asked.
     """
-    from dmipro.defaults import COORDINATOR_QUEUE
-
     try:
-        if executor == "celery":
-            from dmipro.workers.celery_app import get_app
-
-            replies = get_app().control.inspect(timeout=timeout).active_queues() or {}
-            names = [{q.get("name") for q in queues or []} for queues in replies.values()]
-            return sum(1 for queues in names if COORDINATOR_QUEUE in queues)
-        from datetime import UTC, datetime
-
-        from rq import Queue, Worker
-
-        from dmipro.workers.rq_worker import redis_connection
-
-        connection = redis_connection()
-        now = datetime.now(UTC)
-        live = 0
-        queue = Queue(COORDINATOR_QUEUE, connection=connection)
-        for worker in Worker.all(connection=connection, queue=queue):
-            beat = worker.last_heartbeat
-            if beat is not None and beat.tzinfo is None:
-                beat = beat.replace(tzinfo=UTC)
-            if beat is None or (now - beat).total_seconds() <= max(worker.worker_ttl, 60):
-                live += 1
-        return live
+        return remote_adapter(executor).coordinator_consumers(timeout)
     except DmiproError:
         raise
     except Exception as exc:
@@ -191,8 +145,6 @@ def coordinator_consumers(executor: str, *, timeout: float = 1.0) -> int:
 
 def waiting_reason(record: JobRecord) -> str | None:
     """Why a queued job on workers is not starting, when that can be seen; else None."""
-    from dmipro.defaults import COORDINATOR_QUEUE
-
     if record.state is not JobState.QUEUED or record.executor not in REMOTE_EXECUTORS:
         return None
     try:
@@ -202,17 +154,6 @@ def waiting_reason(record: JobRecord) -> str | None:
     if consumers == 0:
         return f"no worker consumes {COORDINATOR_QUEUE}"
     return None
-
-
-def _revoke(job_id: str, executor: str) -> None:
-    if executor == "celery":
-        from dmipro.workers.celery_app import revoke_optimize
-
-        revoke_optimize(job_id)
-    elif executor == "rq":
-        from dmipro.workers.rq_worker import cancel_optimize
-
-        cancel_optimize(job_id)
 
 
 _STATUS_FROM_PROGRESS = ("trials_done", "trials_total", "best_score", "baseline_score", "lm_calls", "tokens",
@@ -242,7 +183,7 @@ def status_of(record: JobRecord) -> dict[str, Any]:
         # A coordinator on a worker marks the row alive every few seconds; a silent one died.
         age = max(0.0, time.time() - record.updated_at)
         report["heartbeat_age_s"] = round(age, 1)
-        if age > _stale_after():
+        if age > get_settings().stale_after:
             report["state"] = "stale"
     report.update(
         attempts=record.attempts,
@@ -255,18 +196,6 @@ def status_of(record: JobRecord) -> dict[str, Any]:
         waiting=None,  # JobHandle.status() asks the broker; a finished job never waits
     )
     return report
-
-
-def _stale_after() -> float:
-    import os
-
-    from dmipro.defaults import STALE_AFTER_S
-
-    try:
-        return float(os.environ.get("DMIPRO_STALE_AFTER") or STALE_AFTER_S)
-    except ValueError:
-        raise ConfigError(f"DMIPRO_STALE_AFTER={os.environ['DMIPRO_STALE_AFTER']!r} is not a number of "
-                          "seconds") from None
 
 
 class JobHandle:
@@ -337,9 +266,6 @@ class JobHandle:
         Jobs finished before programs were kept in the database fall back to the coordinator's
         file (``program_path``), which must then be on this machine.
         """
-        from dmipro.jobs.spec import JobSpec
-        from dmipro.refs import ensure_importable, trusted_code_paths
-
         record = self.record
         if record.state is not JobState.SUCCEEDED:
             detail = f": {record.error}" if record.error else ""
@@ -348,9 +274,6 @@ class JobHandle:
         ensure_importable(trusted_code_paths())
         program_id = (record.result or {}).get("program_id")
         if program_id:
-            from dmipro.storage.database import DatabaseProgramStore
-            from dmipro.storage.program import build_program as build_stored
-
             url = self._store.url
             return build_stored(DatabaseProgramStore(url).load(program_id))
         path = (record.result or {}).get("program_path")
@@ -381,7 +304,7 @@ class JobHandle:
             after = self.record
         if before.state is JobState.QUEUED:
             try:
-                _revoke(self.job_id, before.executor)
+                remote_adapter(before.executor).cancel_coordinator(self.job_id)
             except Exception:  # the coordinator checks the job row before it runs anyway
                 pass
         return status_of(after)

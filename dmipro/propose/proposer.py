@@ -13,6 +13,7 @@ from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
 from dmipro.propose.grounded import choose_tip, data_batches, module_string, program_code, task_demos_for
 from dmipro.seeding import rng_for
+from dmipro.tasks import propose as _propose_body  # noqa: F401  (registers the proposal tasks, shipped here)
 
 if TYPE_CHECKING:  # the teleprompt package imports this module
     from dmipro.teleprompt.result import PhaseStats

@@ -7,10 +7,10 @@ import random
 from typing import Any
 
 from dmipro.events import correlate
+from dmipro.executor_adapters.task_table import task
 from dmipro.jobs.candidate import demo_dict
 from dmipro.jobs.runtime import get_runtime
 from dmipro.lm.usage import metered
-from dmipro.tasks._registry import task
 from dmipro.tasks._speculative import SpeculativeBootstrapFewShot
 
 __all__ = ["bootstrap_demo_set"]

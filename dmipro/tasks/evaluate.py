@@ -7,10 +7,10 @@ from typing import Any
 
 from dmipro.errors import TransientLMError
 from dmipro.events import correlate
+from dmipro.executor_adapters.task_table import task
 from dmipro.jobs.runtime import get_runtime
 from dmipro.lm.faults import to_lm_error
 from dmipro.lm.usage import metered
-from dmipro.tasks._registry import task
 
 __all__ = ["evaluate_chunk", "score_example"]
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dmipro.teleprompt._coordinator import Coordinator, plan_for
-from dmipro.teleprompt._plan import (
+from dmipro.jobs.plan import (
     AUTO_RUN_SETTINGS,
     DemoSetPlan,
     RunPlan,
@@ -11,6 +10,8 @@ from dmipro.teleprompt._plan import (
     plan_demo_sets,
     plan_run,
 )
+from dmipro.jobs.runtime import plan_for
+from dmipro.teleprompt._coordinator import Coordinator
 from dmipro.teleprompt.mipro import MIPROv2, run_job
 from dmipro.teleprompt.result import OptimizationResult, PhaseStats
 from dmipro.teleprompt.search import SearchSpace, Study

@@ -25,45 +25,25 @@ from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreSco
 from dmipro.events import bus, correlate
 from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.jobs.candidate import Candidate, apply_candidate
-from dmipro.jobs.runtime import JobRuntime
+from dmipro.jobs.plan import RunPlan, plan_demo_sets
+from dmipro.jobs.runtime import JobRuntime, plan_for
 from dmipro.jobs.store import JobState, JobStore
 from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
 from dmipro.propose.proposer import GroundedProposer
 from dmipro.seeding import rng_for
-from dmipro.teleprompt._plan import RunPlan, plan_demo_sets, plan_run
+from dmipro.tasks import bootstrap as _bootstrap_body  # noqa: F401  (registers bootstrap_demo_set, shipped here)
 from dmipro.teleprompt.result import OptimizationResult, PhaseStats
 from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind, trial_batch, trial_kind
 from dmipro.tracing import span
 
-__all__ = ["Coordinator", "plan_for"]
+__all__ = ["Coordinator", "ProgressFn"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ProgressFn = Callable[[dict[str, Any]], None]
 """Receives progress dicts: phase, trials_done, trials_total, best_score, lm_calls, tokens."""
-
-
-def plan_for(runtime: JobRuntime) -> RunPlan:
-    """The run plan of a job (sizes, trials, validation ids); raises OptimizationError if it cannot run."""
-    opt = runtime.spec.optimizer
-    val_size = len(runtime.split("val"))
-    if val_size < 2:
-        raise OptimizationError(f"the valset has {val_size} example; MIPROv2 needs at least 2")
-    return plan_run(
-        auto=opt.auto,
-        num_candidates=opt.num_candidates,
-        num_trials=opt.num_trials,
-        num_predictors=len(runtime.fresh_program().named_predictors()),
-        val_size=val_size,
-        max_bootstrapped_demos=opt.max_bootstrapped_demos,
-        max_labeled_demos=opt.max_labeled_demos,
-        minibatch=opt.minibatch,
-        minibatch_size=opt.minibatch_size,
-        minibatch_full_eval_steps=opt.minibatch_full_eval_steps,
-        seed=opt.seed,
-    )
 
 
 class _Budget:

@@ -17,14 +17,20 @@ written or queued, naming the object and what to pass instead:
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmipro.errors import OptimizerArgumentError, RefError
 from dmipro.executor_adapters import ExecutorAdapter
+from dmipro.jobs._load import build_program
 from dmipro.jobs.runtime import ADAPTERS, capture_dspy_settings
 from dmipro.jobs.spec import OptimizerConfig
+from dmipro.jobs.submit import JobHandle, submit
+from dmipro.lm import callbacks as lm_callbacks
 from dmipro.refs import ref_of
-from dmipro.teleprompt.mipro import MIPROv2, json_trial_logs
+from dmipro.teleprompt.result import json_trial_logs
+
+if TYPE_CHECKING:  # mipro.py imports this module for its remote path
+    from dmipro.teleprompt.mipro import MIPROv2
 
 __all__ = ["compile_remote", "remote_spec"]
 
@@ -34,7 +40,6 @@ def _program_ref(obj: Any, what: str) -> str:
     class rebuilds exactly its state."""
     import dspy
 
-    from dmipro.jobs._load import build_program
 
     if isinstance(obj, str):
         return obj
@@ -145,7 +150,6 @@ def _crossing_settings(captured: dict[str, Any]) -> dict[str, Any]:
     import dspy
     from dspy.dsp.utils.settings import DEFAULT_CONFIG
 
-    from dmipro.lm import callbacks as lm_callbacks
 
     out: dict[str, Any] = {}
     for key, value in captured.items():
@@ -253,8 +257,6 @@ def compile_remote(
     job_id: str | None,
 ) -> Any:
     """Submit the job to ``executor``'s workers, wait for it and return the optimized program."""
-    from dmipro.jobs.submit import JobHandle, submit
-
     backend = executor.name if isinstance(executor, ExecutorAdapter) else executor
     spec = remote_spec(
         opt,

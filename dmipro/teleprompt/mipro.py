@@ -27,18 +27,22 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from dmipro import defaults, observability
+from dmipro.config import get_settings
+from dmipro.db import dispose_engine
 from dmipro.errors import OptimizationError, OptimizerArgumentError
 from dmipro.executor_adapters import ExecutorAdapter, make_executor
 from dmipro.jobs.candidate import apply_candidate
-from dmipro.jobs.runtime import capture_dspy_settings, forget_runtime, get_runtime, register_runtime
+from dmipro.jobs.runtime import capture_dspy_settings, forget_runtime, get_runtime, plan_for, register_runtime
 from dmipro.jobs.spec import ExecutorConfig, JobSpec, LMConfig, OptimizerConfig
 from dmipro.jobs.store import JobState, JobStore
 from dmipro.refs import ref_of
-from dmipro.teleprompt._coordinator import Coordinator, ProgressFn, plan_for
-from dmipro.teleprompt.result import OptimizationResult
+from dmipro.teleprompt._coordinator import Coordinator, ProgressFn
+from dmipro.teleprompt._remote_compile import compile_remote
+from dmipro.teleprompt.result import OptimizationResult, json_trial_logs
 from dmipro.teleprompt.teleprompt import Teleprompter
 
-__all__ = ["MIPROv2", "dspy_trial_logs", "json_trial_logs", "run_job"]
+__all__ = ["MIPROv2", "dspy_trial_logs", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +58,6 @@ def _program_file(program: Any, log_dir: str | None, name: str) -> str | None:
     path = folder / f"program_{name}.json"
     program.save(str(path))
     return str(path)
-
-
-def json_trial_logs(
-    trial_logs: dict[int, dict[str, Any]], *, val_size: int, minibatch_size: int
-) -> dict[int, dict[str, Any]]:
-    """dmipro's trial log entries with ``dspy.MIPROv2``'s JSON keys added.
-
-    A full evaluation gets ``full_eval_score``, a minibatch trial ``mb_score``; every trial
-    ``total_eval_calls_so_far`` (examples evaluated, as DSPy counts them) and the chosen
-    ``{i}_predictor_instruction`` / ``_demos``.
-    """
-    logs: dict[int, dict[str, Any]] = {}
-    total = 0
-    for number in sorted(trial_logs):
-        ours = trial_logs[number]
-        full = bool(ours.get("full_eval"))
-        total += val_size if full else min(minibatch_size, val_size)
-        prefix = "full_eval" if full else "mb"
-        logs[number] = {
-            **ours["params"],
-            **ours,
-            "total_eval_calls_so_far": total,
-            f"{prefix}_score": ours["score"],
-        }
-    return logs
 
 
 def dspy_trial_logs(
@@ -145,9 +124,6 @@ def _attach(
 
 def _store_configured() -> bool:
     """Whether the user chose where dmipro keeps jobs (env, or ``dmipro.yaml``)."""
-    from dmipro import defaults
-    from dmipro.config import get_settings
-
     settings = get_settings()
     return bool(
         settings.database_url or "DMIPRO_HOME" in os.environ or settings.home != Path(defaults.DEFAULT_HOME)
@@ -165,8 +141,6 @@ def _job_store() -> Iterator[tuple[JobStore, Path | None]]:
     if _store_configured():
         yield JobStore(), None
         return
-    from dmipro.db import dispose_engine
-
     folder = Path(tempfile.mkdtemp(prefix="dmipro-compile-"))
     url = f"sqlite:///{folder / 'jobs.db'}"
     try:
@@ -331,8 +305,6 @@ class MIPROv2(Teleprompter):
             raise OptimizerArgumentError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
         executor = self.executor or "thread"
         if isinstance(executor, ExecutorAdapter) and executor.remote or executor in _REMOTE:
-            from dmipro.teleprompt._remote_compile import compile_remote
-
             return compile_remote(
                 self,
                 student,
@@ -469,8 +441,6 @@ def run_job(
     store: JobStore | None = None,
 ) -> dict[str, Any]:
     """Run or resume a stored job to the end; returns its summary (a finished job is not run again)."""
-    from dmipro import observability
-
     observability.setup()
     store = store or JobStore()
     record = store.get(job_id)

@@ -9,7 +9,7 @@ from dmipro.jobs.candidate import Candidate
 from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
 
-__all__ = ["OptimizationResult", "PhaseStats"]
+__all__ = ["OptimizationResult", "PhaseStats", "json_trial_logs"]
 
 
 @dataclass
@@ -128,3 +128,28 @@ class OptimizationResult:
             "phases": {k: v.to_json() for k, v in self.phases.items()},
             "trial_logs": {str(k): v for k, v in self.trial_logs.items()},
         }
+
+
+def json_trial_logs(
+    trial_logs: dict[int, dict[str, Any]], *, val_size: int, minibatch_size: int
+) -> dict[int, dict[str, Any]]:
+    """dmipro's trial log entries with ``dspy.MIPROv2``'s JSON keys added.
+
+    A full evaluation gets ``full_eval_score``, a minibatch trial ``mb_score``; every trial
+    ``total_eval_calls_so_far`` (examples evaluated, as DSPy counts them) and the chosen
+    ``{i}_predictor_instruction`` / ``_demos``.
+    """
+    logs: dict[int, dict[str, Any]] = {}
+    total = 0
+    for number in sorted(trial_logs):
+        ours = trial_logs[number]
+        full = bool(ours.get("full_eval"))
+        total += val_size if full else min(minibatch_size, val_size)
+        prefix = "full_eval" if full else "mb"
+        logs[number] = {
+            **ours["params"],
+            **ours,
+            "total_eval_calls_so_far": total,
+            f"{prefix}_score": ours["score"],
+        }
+    return logs

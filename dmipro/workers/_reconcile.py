@@ -35,9 +35,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import redis
 import sqlalchemy as sa
 
+from dmipro.config import get_settings
 from dmipro.defaults import COORDINATOR_QUEUE
+from dmipro.events import bus, correlate
+from dmipro.executor_adapters import remote_adapter
 from dmipro.jobs.store import JobRecord, JobState, JobStore, jobs_table
 
 __all__ = ["MAX_RESENDS", "Reconciler", "start_reconciler"]
@@ -62,7 +66,8 @@ class Reconciler:
     """
 
     def __init__(self, backend: str, *, client: Any, held: Callable[[list[str]], set[str]],
-                 resend: Callable[[JobRecord], None], grace_s: float, store: JobStore | None = None) -> None:
+                 resend: Callable[[JobRecord], object], grace_s: float,
+                 store: JobStore | None = None) -> None:
         self.backend = backend
         self.client = client
         self.held = held
@@ -73,20 +78,12 @@ class Reconciler:
     @classmethod
     def for_backend(cls, backend: str, *, grace_s: float | None = None) -> Reconciler:
         """The reconciler of ``celery`` or ``rq`` on the settings' broker."""
-        import redis
-
-        from dmipro.config import get_settings
-
         settings = get_settings()
         grace = settings.reconcile_grace if grace_s is None else grace_s
         client = redis.Redis.from_url(settings.broker_url)
-        if backend == "celery":
-            held, resend = _celery_probes()
-        elif backend == "rq":
-            held, resend = _rq_probes(client)
-        else:
-            raise ValueError(f"no reconciler for backend {backend!r}")
-        return cls(backend, client=client, held=held, resend=resend, grace_s=grace)
+        adapter = remote_adapter(backend)
+        return cls(backend, client=client, held=adapter.held_coordinators, grace_s=grace,
+                   resend=lambda record: adapter.resend_coordinator(record.id, record.executor))
 
     def suspects(self) -> list[JobRecord]:
         """Unfinished jobs of this backend, unchanged for the grace period, that nobody leases."""
@@ -126,8 +123,6 @@ class Reconciler:
                 self.client.delete(lock)
 
     def _requeue(self, record: JobRecord) -> None:
-        from dmipro.events import bus, correlate
-
         key = f"dmipro:resent:{record.id}"
         count = int(self.client.incr(key))
         self.client.expire(key, 7 * 24 * 3600)
@@ -147,65 +142,6 @@ class Reconciler:
                      state=record.state.value)
 
 
-def _celery_probes() -> tuple[Callable[[list[str]], set[str]], Callable[[JobRecord], None]]:
-    from dmipro.workers.celery_app import coordinator_task_id, get_app, send_optimize
-
-    app = get_app()
-
-    def held(job_ids: list[str]) -> set[str]:
-        with app.connection_for_read() as conn:
-            channel = conn.default_channel
-            client = channel.client
-            parts = list(client.hvals(channel.unacked_key))
-            for priority in channel.priority_steps:
-                parts += client.lrange(channel._q_for_pri(COORDINATOR_QUEUE, priority), 0, -1)
-        blob = b"\0".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
-        return {j for j in job_ids if coordinator_task_id(j).encode() in blob}
-
-    def resend(record: JobRecord) -> None:
-        send_optimize(record.id, record.executor, app=app)
-
-    return held, resend
-
-
-def _rq_probes(client: Any) -> tuple[Callable[[list[str]], set[str]], Callable[[JobRecord], None]]:
-    from rq import Queue
-    from rq.job import Job, JobStatus
-    from rq.serializers import JSONSerializer
-
-    from dmipro.executor_adapters.rq import dead_workers
-    from dmipro.workers.rq_worker import coordinator_job_id, enqueue_optimize
-
-    queue = Queue(COORDINATOR_QUEUE, connection=client, serializer=JSONSerializer)
-
-    def held(job_ids: list[str]) -> set[str]:
-        rq_ids = [coordinator_job_id(j) for j in job_ids]
-        jobs = Job.fetch_many(rq_ids, connection=client, serializer=JSONSerializer)
-        queued = {i.decode() if isinstance(i, bytes) else str(i) for i in client.lrange(queue.key, 0, -1)}
-        started = {j.id: j.worker_name for j in jobs
-                   if j is not None and j.get_status(refresh=False) == JobStatus.STARTED and j.worker_name}
-        dead = dead_workers(client, started.values())
-        out = set()
-        for job_id, rq_id, job in zip(job_ids, rq_ids, jobs, strict=True):
-            if job is None:
-                continue
-            status = job.get_status(refresh=False)
-            if (status == JobStatus.QUEUED and rq_id in queued) or status in (JobStatus.DEFERRED,
-                                                                               JobStatus.SCHEDULED):
-                out.add(job_id)
-            elif status == JobStatus.STARTED and rq_id in started and started[rq_id] not in dead:
-                out.add(job_id)
-        return out
-
-    def resend(record: JobRecord) -> None:
-        old = Job.fetch_many([coordinator_job_id(record.id)], connection=client, serializer=JSONSerializer)[0]
-        if old is not None:
-            old.delete()  # out of the registries of the dead worker; the same id is used again
-        enqueue_optimize(record.id, record.executor, connection=client)
-
-    return held, resend
-
-
 def start_reconciler(backend: str, stop: threading.Event, *,
                      interval_s: float | None = None) -> threading.Thread | None:
     """Run the ``backend`` reconciler now and every ``interval_s`` seconds until ``stop`` is set.
@@ -213,8 +149,6 @@ def start_reconciler(backend: str, stop: threading.Event, *,
     ``interval_s`` defaults to the ``reconcile_interval`` setting; 0 starts nothing.
     Returns the (daemon) thread.
     """
-    from dmipro.config import get_settings
-
     settings = get_settings()
     interval = settings.reconcile_interval if interval_s is None else interval_s
     if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):

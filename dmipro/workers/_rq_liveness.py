@@ -20,6 +20,7 @@ from rq import SimpleWorker
 
 from dmipro.defaults import COORDINATOR_QUEUE
 from dmipro.executor_adapters.rq import WORKER_ALIVE_TTL_S
+from dmipro.workers._reconcile import start_reconciler
 
 __all__ = ["Worker"]
 
@@ -33,8 +34,6 @@ class Worker(SimpleWorker):
         stop = threading.Event()
         threading.Thread(target=self._keep_alive, args=(stop,), name="dmipro-rq-alive", daemon=True).start()
         if COORDINATOR_QUEUE in self.queue_names():
-            from dmipro.workers._reconcile import start_reconciler
-
             start_reconciler("rq", stop)
         try:
             return bool(super().work(*args, **kwargs))

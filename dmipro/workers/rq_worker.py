@@ -1,12 +1,12 @@
 """RQ: the job functions workers run, and the worker itself.
 
 Start a worker with ``dmipro worker rq`` or ``python -m dmipro.workers.rq_worker``.
-Jobs are enqueued with RQ's JSON serializer and name their function by dotted path:
-``dmipro.workers.rq_worker.run_task(name, body)`` for work tasks (queue ``dmipro.work``)
-and ``dmipro.workers.rq_worker.run_optimize(body)`` for coordinators (queue
-``dmipro.coordinator``). The W3C trace context of the sender travels in the job's meta
-(``meta["trace"]``); a task body's error is recorded in ``meta["error"]`` (type and
-message) before RQ marks the job failed, so the executor can raise the same error.
+The wire protocol (function paths, timeouts, the coordinator job) is the RQ adapter's,
+:mod:`dmipro.executor_adapters.rq`: jobs name :func:`run_task` (work tasks, queue
+``dmipro.work``) or :func:`run_optimize` (coordinators, queue ``dmipro.coordinator``).
+The W3C trace context of the sender travels in the job's meta (``meta["trace"]``); a
+task body's error is recorded in ``meta["error"]`` (type and message) before RQ marks
+the job failed, so the executor can raise the same error.
 
 Workers are :class:`rq.SimpleWorker`\\ s: jobs run in the worker process, without a
 fork per job, so the program, datasets and LMs each job loads stay cached between its
@@ -26,35 +26,33 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
-from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
+from dmipro import tracing
+from dmipro._imports import guarded
+from dmipro.defaults import WORK_QUEUE
 from dmipro.errors import ConfigError
+from dmipro.executor_adapters.rq import OPTIMIZE_FUNC, TASK_FUNC, redis_connection
+from dmipro.executor_adapters.task_table import execute
+from dmipro.refs import ensure_importable, trusted_code_paths
+from dmipro.workers._rq_liveness import Worker as LiveWorker
+from dmipro.workers.optimize import run_coordinator
+from dmipro.workers.setup import setup_worker_process
 
-try:
+with guarded(extra="rq", purpose="the RQ worker"):
     from redis import Redis
     from rq import Queue, get_current_job
     from rq.serializers import JSONSerializer
-except ImportError as _exc:  # pragma: no cover - depends on the installed extras
-    raise ConfigError("the RQ executor needs the rq extra: pip install 'dmipro[rq]'") from _exc
+    from rq.worker import WorkerStatus
+    from rq.worker_pool import WorkerPool
 
-from dmipro.workers._rq_liveness import Worker as LiveWorker
+import dmipro.tasks  # noqa: E402,F401  (registers dmipro's task bodies in the task table)
 
 __all__ = [
-    "COORDINATOR_TIMEOUT_S",
-    "OPTIMIZE_FUNC",
-    "RESULT_TTL_S",
-    "TASK_FUNC",
-    "WORK_TIMEOUT_S",
     "DmiproWorker",
-    "cancel_optimize",
-    "coordinator_job_id",
-    "enqueue_optimize",
     "main",
     "make_worker",
-    "redis_connection",
     "refusal_reason",
     "run_optimize",
     "run_task",
@@ -62,27 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-TASK_FUNC = "dmipro.workers.rq_worker.run_task"
-"""Dotted path of the work-task job function."""
-OPTIMIZE_FUNC = "dmipro.workers.rq_worker.run_optimize"
-"""Dotted path of the coordinator job function."""
-
-WORK_TIMEOUT_S = 3600
-"""Job timeout of a work task: a chunk of LM calls, with provider retries and back-off."""
-COORDINATOR_TIMEOUT_S = 7 * 24 * 3600
-"""Job timeout of a coordinator: a whole optimization."""
-RESULT_TTL_S = 24 * 3600
-"""How long results stay in Redis (the coordinator reads them within moments)."""
-FAILURE_TTL_S = 7 * 24 * 3600
-"""How long failed jobs stay in RQ's failed registry, for inspection."""
-
-
-def redis_connection(url: str | None = None) -> Redis:
-    """A Redis connection to ``url`` (default: the settings' broker URL)."""
-    from dmipro.config import get_settings
-
-    return Redis.from_url(url or get_settings().broker_url)
 
 
 def _record_error(exc: BaseException) -> None:
@@ -104,10 +81,6 @@ def _trace() -> dict[str, str] | None:
 
 def run_task(name: str, body: str) -> dict[str, Any]:
     """Job function of every work task: run registry task ``name`` on the JSON ``body``."""
-    from dmipro import tracing
-    from dmipro.tasks import execute
-    from dmipro.workers.setup import setup_worker_process
-
     setup_worker_process()
     with tracing.attach(_trace()):
         try:
@@ -119,10 +92,6 @@ def run_task(name: str, body: str) -> dict[str, Any]:
 
 def run_optimize(body: str) -> dict[str, Any]:
     """Job function of the coordinator; progress goes to the job's ``meta["progress"]``."""
-    from dmipro import tracing
-    from dmipro.workers._coordinate import run_coordinator
-    from dmipro.workers.setup import setup_worker_process
-
     setup_worker_process()
     job: Any = get_current_job()
 
@@ -137,41 +106,6 @@ def run_optimize(body: str) -> dict[str, Any]:
         except Exception as exc:
             _record_error(exc)
             raise
-
-
-def coordinator_job_id(job_id: str) -> str:
-    """The RQ job id of a job's coordinator (RQ ids allow letters, digits, ``_`` and ``-``)."""
-    return "optimize-" + re.sub(r"[^A-Za-z0-9_-]", "_", job_id)
-
-
-def enqueue_optimize(job_id: str, executor: str = "rq", *, connection: Redis | None = None) -> str:
-    """Enqueue a job's coordinator on ``dmipro.coordinator``; returns the RQ job id."""
-    import json
-
-    from dmipro import tracing
-
-    queue = Queue(COORDINATOR_QUEUE, connection=connection or redis_connection(), serializer=JSONSerializer)
-    rq_id = coordinator_job_id(job_id)
-    queue.enqueue_call(
-        OPTIMIZE_FUNC, args=(json.dumps({"job_id": job_id, "executor": executor}),),
-        timeout=COORDINATOR_TIMEOUT_S, result_ttl=FAILURE_TTL_S, failure_ttl=FAILURE_TTL_S, job_id=rq_id,
-        meta={"trace": tracing.inject(), "job_id": job_id}, description=f"dmipro.optimize(job_id={job_id})",
-    )
-    return rq_id
-
-
-def cancel_optimize(job_id: str, *, connection: Redis | None = None) -> None:
-    """Keep a job's coordinator from starting if it is still queued (best effort)."""
-    from rq.exceptions import InvalidJobOperation, NoSuchJobError
-    from rq.job import Job, JobStatus
-
-    try:
-        job = Job.fetch(coordinator_job_id(job_id), connection=connection or redis_connection(),
-                        serializer=JSONSerializer)
-        if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
-            job.cancel()
-    except (NoSuchJobError, InvalidJobOperation):
-        pass
 
 
 _ENTRY_POINTS = {TASK_FUNC: 2, OPTIMIZE_FUNC: 1}
@@ -227,8 +161,6 @@ class DmiproWorker(LiveWorker):
             self.handle_job_failure(job, queue, exc_string=f"RefusedJob: {reason}", execution=execution)
         except Exception:  # recording the refusal failed; the job stays unrun either way
             log.exception("recording the refusal of RQ job %s failed", job.id)
-        from rq.worker import WorkerStatus
-
         self.set_state(WorkerStatus.IDLE)
 
 
@@ -244,8 +176,6 @@ def make_worker(queues: Sequence[str], *, connection: Redis | None = None,
 def run_worker(queues: Sequence[str], *, burst: bool = False, workers: int = 1, loglevel: str = "INFO",
                name: str | None = None) -> None:
     """Run ``workers`` worker processes on ``queues`` until stopped (or, with ``burst``, until idle)."""
-    from dmipro.workers.setup import setup_worker_process
-
     queues = [q for q in queues if q]
     if not queues:
         raise ConfigError("give at least one queue to listen on (dmipro.work, dmipro.coordinator)")
@@ -255,10 +185,6 @@ def run_worker(queues: Sequence[str], *, burst: bool = False, workers: int = 1, 
         setup_worker_process(loglevel=loglevel)
         make_worker(queues, name=name).work(burst=burst, logging_level=loglevel.upper())
         return
-
-    from rq.worker_pool import WorkerPool
-
-    from dmipro.refs import ensure_importable, trusted_code_paths
 
     # Each pool process sets itself up when it runs its first task (after the fork, so that
     # telemetry threads start in the process that uses them).

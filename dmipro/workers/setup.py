@@ -13,6 +13,11 @@ import logging
 import os
 import threading
 
+from dmipro import observability
+from dmipro.config import get_settings
+from dmipro.errors import RefError
+from dmipro.refs import check_allowed, ensure_importable, trusted_code_paths
+
 __all__ = ["LOG_FORMAT", "TASK_MODULES_ENV", "import_task_modules", "setup_worker_process"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
@@ -20,8 +25,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 TASK_MODULES_ENV = "DMIPRO_TASK_MODULES"
 """Comma-separated modules of extra task bodies a worker imports (each within the allowlist)."""
-
-_OBSERVABILITY = "dmipro.observability"
 
 _lock = threading.Lock()
 _done_pid: int | None = None
@@ -35,19 +38,17 @@ def setup_worker_process(*, loglevel: int | str | None = None) -> bool:
       reference, through the allowlist, from the directory the worker was started in);
     - logging is configured unless the host (Celery) already did it;
     - the task modules named in ``DMIPRO_TASK_MODULES`` are imported (:func:`import_task_modules`);
-    - ``dmipro.observability.setup_worker()`` runs when that module is installed.
+    - ``dmipro.observability.setup_worker()`` switches on the configured subscribers.
     """
     global _done_pid
     with _lock:
         if _done_pid == os.getpid():
             return False
         _done_pid = os.getpid()
-    from dmipro.refs import ensure_importable, trusted_code_paths
-
     ensure_importable(trusted_code_paths())
     root = logging.getLogger()
     if not root.handlers:
-        level = loglevel if loglevel is not None else os.environ.get("DMIPRO_LOG_LEVEL", "INFO")
+        level = loglevel if loglevel is not None else get_settings().log_level
         logging.basicConfig(level=level.upper() if isinstance(level, str) else level, format=LOG_FORMAT)
     import_task_modules()
     _setup_observability()
@@ -61,10 +62,7 @@ def import_task_modules() -> tuple[str, ...]:
     that registers more names their modules here. Each must lie within
     ``DMIPRO_ALLOWED_MODULES``. Returns the module names.
     """
-    from dmipro.errors import RefError
-    from dmipro.refs import check_allowed, ensure_importable, trusted_code_paths
-
-    names = tuple(m.strip() for m in os.environ.get(TASK_MODULES_ENV, "").split(",") if m.strip())
+    names = get_settings().task_modules
     if names:
         ensure_importable(trusted_code_paths())
     for name in names:
@@ -78,17 +76,6 @@ def import_task_modules() -> tuple[str, ...]:
 
 def _setup_observability() -> None:
     try:
-        module = importlib.import_module(_OBSERVABILITY)
-    except ModuleNotFoundError as exc:
-        if exc.name != _OBSERVABILITY:
-            log.warning("dmipro.observability cannot be imported (%s); running without it", exc)
-        return
+        observability.setup_worker()
     except Exception:  # telemetry must never keep a worker from running tasks
-        log.exception("importing dmipro.observability failed; running without it")
-        return
-    setup = getattr(module, "setup_worker", None)
-    if callable(setup):
-        try:
-            setup()
-        except Exception:
-            log.exception("dmipro.observability.setup_worker() failed; running without it")
+        log.exception("dmipro.observability.setup_worker() failed; running without it")

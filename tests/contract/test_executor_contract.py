@@ -16,7 +16,7 @@ from dmipro.api import evaluate
 from dmipro.errors import DecodeError, RefError, TaskError
 from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, make_executor
 from dmipro.jobs import JobStore, load_job
-from dmipro.teleprompt._plan import plan_demo_sets
+from dmipro.jobs.plan import plan_demo_sets
 from dmipro.teleprompt.mipro import run_job
 from tests.contract.conftest import CONCURRENCY
 from tests.fixtures.jobs import math_job, records

@@ -71,7 +71,6 @@ TASKS = [
     "summarize_data",
     "describe_program",
     "describe_module",
-    "optimize",
 ]
 
 
@@ -101,7 +100,7 @@ def test_a_mutated_real_payload_gets_a_result_or_a_clear_error(
     body=st.text(max_size=60) | JSON.map(json.dumps) | st.sampled_from(["[" * 5000, '{"job_id": "\\u0000"}'])
 )
 def test_a_coordinator_body_gets_a_summary_or_a_clear_error(body: str) -> None:
-    from dmipro.workers._coordinate import run_coordinator
+    from dmipro.workers.optimize import run_coordinator
 
     try:
         run_coordinator(body, backend="inline")

@@ -11,6 +11,7 @@ import dspy
 import pytest
 
 from dmipro import tracing
+from dmipro.config import reload_settings
 from dmipro.errors import ConfigError, ExecutorError, OptimizationError, RefError
 from dmipro.jobs import JobStore, load_job
 from dmipro.jobs.submit import JobHandle, JobTimeoutError, cancel, check_database_for, status, submit, wait
@@ -28,6 +29,7 @@ def test_the_app_is_json_only_at_least_once_with_two_queues(monkeypatch: pytest.
     from dmipro.workers.celery_app import make_app
 
     monkeypatch.setenv("DMIPRO_VISIBILITY_TIMEOUT", "42")
+    reload_settings()
     conf = make_app("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1").conf
     assert conf.task_serializer == conf.result_serializer == "json"
     assert list(conf.accept_content) == list(conf.result_accept_content) == ["json"]
@@ -37,10 +39,8 @@ def test_the_app_is_json_only_at_least_once_with_two_queues(monkeypatch: pytest.
     assert conf.result_backend_transport_options["visibility_timeout"] == 42
     assert conf.task_track_started and conf.worker_send_task_events and conf.task_send_sent_event
     assert {q.name for q in conf.task_queues} == {"dmipro.coordinator", "dmipro.work"}
-    assert conf.task_routes == {
-        f"dmipro.{name}": {"queue": "dmipro.coordinator" if name == "optimize" else "dmipro.work"}
-        for name in task_names()
-    }
+    assert conf.task_routes == {"dmipro.optimize": {"queue": "dmipro.coordinator"}}
+    assert conf.task_default_queue == "dmipro.work"
 
 
 def test_every_registry_task_is_a_celery_task_named_after_it() -> None:
@@ -48,16 +48,25 @@ def test_every_registry_task_is_a_celery_task_named_after_it() -> None:
 
     app = make_app("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1")
     registered = {name for name in app.tasks if name.startswith("dmipro.")}
-    assert registered == {f"dmipro.{name}" for name in task_names()}
+    assert registered == {f"dmipro.{name}" for name in task_names()} | {"dmipro.optimize"}
     assert {"dmipro.evaluate_chunk", "dmipro.bootstrap_demo_set", "dmipro.propose_instruction",
             "dmipro.optimize"} <= registered
+
+
+def test_a_client_app_sends_by_name_and_registers_no_task_body() -> None:
+    from dmipro.executor_adapters.celery import make_app as client_app
+
+    app = client_app("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1")
+    assert not {name for name in app.tasks if name.startswith("dmipro.")}
+    assert app.conf.accept_content == ["json"] and app.conf.task_default_queue == "dmipro.work"
 
 
 def test_a_bad_visibility_timeout_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from dmipro.workers.celery_app import make_app
 
     monkeypatch.setenv("DMIPRO_VISIBILITY_TIMEOUT", "soon")
-    with pytest.raises(ConfigError, match="DMIPRO_VISIBILITY_TIMEOUT='soon' is not a number"):
+    with pytest.raises(ConfigError, match="visibility_timeout.*DMIPRO_VISIBILITY_TIMEOUT"):
+        reload_settings()
         make_app("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1")
 
 
@@ -140,7 +149,7 @@ def test_submit_wait_status_and_result(celery_stack: Stack) -> None:
 def test_the_coordinator_reports_progress_as_task_state(celery_stack: Stack) -> None:
     from celery.result import AsyncResult
 
-    from dmipro.workers.celery_app import coordinator_task_id, get_app
+    from dmipro.executor_adapters.celery import coordinator_task_id, get_app
 
     handle = submit(small_job(latency_ms=20), executor="celery")
     result = AsyncResult(coordinator_task_id(handle.job_id), app=get_app())
@@ -185,12 +194,12 @@ def test_closing_the_executor_fails_tasks_still_in_flight(celery_stack: Stack) -
 
 @pytest.mark.integration
 def test_a_job_failing_on_the_worker_is_marked_failed(celery_stack: Stack) -> None:
-    from dmipro.workers.celery_app import send_optimize
+    from dmipro.executor_adapters.celery import CeleryExecutor
 
     spec = load_job(small_job()).to_json()
     spec["metric"] = "tests.fixtures.broken:metric"  # written past validation: the module raises on import
     record = JobStore().create(name="broken", spec=spec, executor="celery")
-    send_optimize(record.id)
+    CeleryExecutor.enqueue_coordinator(record.id)
     report = wait(record.id, timeout=60)
     assert report["state"] == "failed"
     assert "this module cannot be imported" in report["error"]
@@ -212,7 +221,7 @@ def test_cancelling_a_running_job_stops_it_between_batches(celery_stack: Stack) 
 @pytest.mark.integration
 def test_a_cancelled_queued_job_never_runs(celery_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     from dmipro.config import reload_settings
-    from dmipro.workers._coordinate import run_coordinator
+    from dmipro.workers.optimize import run_coordinator
 
     # A broker database no worker listens on: the job stays queued.
     monkeypatch.setenv("DMIPRO_BROKER_URL", f"{celery_stack.redis_base}/15")
@@ -230,11 +239,11 @@ def test_a_cancelled_queued_job_never_runs(celery_stack: Stack, monkeypatch: pyt
 def test_a_coordinator_delivered_twice_runs_the_job_once(celery_stack: Stack) -> None:
     from celery.result import AsyncResult
 
-    from dmipro.workers.celery_app import get_app, task_name
+    from dmipro.executor_adapters.celery import OPTIMIZE_TASK, get_app
 
     handle = submit(small_job(latency_ms=10), executor="celery")
     body = json.dumps({"job_id": handle.job_id, "executor": "celery"})
-    duplicate = get_app().send_task(task_name("optimize"), args=[body], task_id=f"dup-{uuid.uuid4().hex}")
+    duplicate = get_app().send_task(OPTIMIZE_TASK, args=[body], task_id=f"dup-{uuid.uuid4().hex}")
     report = handle.wait(timeout=120)
     assert report["state"] == "succeeded", celery_stack.logs()
     second = AsyncResult(duplicate.id, app=get_app())

@@ -360,7 +360,7 @@ def test_celery_a_lost_coordinator_message_is_sent_again(chaos: Chaos) -> None:
 
 
 def test_rq_a_lost_coordinator_message_is_sent_again(chaos: Chaos, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmipro.workers.rq_worker import coordinator_job_id
+    from dmipro.executor_adapters.rq import coordinator_job_id
 
     chaos.use("rq", monkeypatch)
     reference()

@@ -85,7 +85,7 @@ def test_a_killed_work_worker_loses_no_trial(crash_stack: CrashStack) -> None:
 def test_a_killed_coordinator_resumes_and_finishes_once(crash_stack: CrashStack) -> None:
     from celery.result import AsyncResult
 
-    from dmipro.workers.celery_app import coordinator_task_id, get_app
+    from dmipro.executor_adapters.celery import coordinator_task_id, get_app
 
     handle = submit(crash_job(100.0), executor="celery")
     wait_for(lambda: scored(handle.job_id, 10), 120, "trials to be running", interval=0.02)

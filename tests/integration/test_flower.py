@@ -68,7 +68,7 @@ def flower(celery_stack: Stack, tmp_path: Path) -> Iterator[Flower]:
 
 
 def test_flower_shows_workers_tasks_and_progress(flower: Flower, celery_stack: Stack) -> None:
-    from dmipro.workers.celery_app import coordinator_task_id
+    from dmipro.executor_adapters.celery import coordinator_task_id
 
     worker = celery_stack.workers["celery"][0].name
     workers = wait_for(lambda: {k: v for k, v in flower.get("/api/workers?refresh=1").items() if worker in k},

@@ -24,8 +24,7 @@ def test_a_batch_is_one_enqueue_many_with_lm_sized_job_options(rq_stack: Stack,
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from dmipro.executor_adapters.rq import RQExecutor
-    from dmipro.workers.rq_worker import RESULT_TTL_S, TASK_FUNC, WORK_TIMEOUT_S
+    from dmipro.executor_adapters.rq import RESULT_TTL_S, TASK_FUNC, WORK_TIMEOUT_S, RQExecutor
 
     batches: list[list[str]] = []
     original = Queue.enqueue_many
@@ -69,7 +68,7 @@ def test_submit_runs_the_coordinator_on_an_rq_worker(rq_stack: Stack) -> None:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from dmipro.workers.rq_worker import COORDINATOR_TIMEOUT_S, coordinator_job_id, redis_connection
+    from dmipro.executor_adapters.rq import COORDINATOR_TIMEOUT_S, coordinator_job_id, redis_connection
 
     handle = submit(small_job(), executor="rq")
     report = handle.wait(timeout=120)
@@ -86,12 +85,12 @@ def test_submit_runs_the_coordinator_on_an_rq_worker(rq_stack: Stack) -> None:
 
 
 def test_a_coordinator_failing_on_the_worker_fails_the_job(rq_stack: Stack) -> None:
-    from dmipro.workers.rq_worker import enqueue_optimize
+    from dmipro.executor_adapters.rq import RQExecutor
 
     spec = load_job(small_job()).to_json()
     spec["program"] = "tests.fixtures.broken:build"  # written past validation: the module raises on import
     record = JobStore().create(name="broken", spec=spec, executor="rq")
-    enqueue_optimize(record.id)
+    RQExecutor.enqueue_coordinator(record.id)
     report = wait(record.id, timeout=60)
     assert report["state"] == "failed"
     assert "this module cannot be imported" in report["error"]

@@ -19,8 +19,7 @@ def test_f01_an_rq_worker_refuses_a_foreign_function_written_into_its_queue(rq_s
     from rq.job import Job, JobStatus
     from rq.serializers import JSONSerializer
 
-    from dmipro.executor_adapters.rq import RQExecutor
-    from dmipro.workers.rq_worker import TASK_FUNC, redis_connection
+    from dmipro.executor_adapters.rq import TASK_FUNC, RQExecutor, redis_connection
 
     # Without the password the broker answers nothing at all.
     bare = rq_stack.envs["rq"]["DMIPRO_BROKER_URL"].replace(rq_stack.redis_base.split("@")[0] + "@", "redis://")

@@ -1,4 +1,9 @@
-"""The ``optimize`` task as workers run it: one coordinator per job, at a time, at least once.
+"""A job's coordinator as workers run it: one per job, at a time, at least once.
+
+This is the one entry point of a coordinator on a worker: the Celery task
+``dmipro.optimize`` and the RQ job function ``run_optimize`` both call
+:func:`run_coordinator`. It is not in the task table: no executor may run it as an
+ordinary task, because only the holder of the job's lease may.
 
 Brokers deliver at least once, so a coordinator message can arrive twice: redelivered
 after its worker died, or submitted twice. :func:`run_coordinator` makes that safe:
@@ -13,16 +18,13 @@ after its worker died, or submitted twice. :func:`run_coordinator` makes that sa
 - a coordinator whose job database went away (a PostgreSQL restart) does not fail the
   job: it waits for the database and resumes, at most :data:`DATABASE_RESUMES` times.
 
-The timing knobs are environment variables read here, once per process:
-``DMIPRO_VISIBILITY_TIMEOUT`` (seconds before the Redis broker redelivers a message a
-silent worker holds; default 3600) and ``DMIPRO_LEASE_TTL`` (default: the visibility
-timeout, at most 60 s).
+The lease lives ``lease_ttl`` seconds without renewal (``DMIPRO_LEASE_TTL``; default:
+the ``visibility_timeout`` setting, bounded to 2..60 s).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -30,29 +32,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
+
+from dmipro.config import get_settings
 from dmipro.db import database_gone
-from dmipro.errors import ConfigError, DecodeError, DmiproError
+from dmipro.errors import DecodeError, DmiproError
+from dmipro.executor_adapters.task_table import decode_payload
 from dmipro.jobs.store import JobRecord, JobState, JobStore
+from dmipro.teleprompt.mipro import run_job
 
 __all__ = [
     "DATABASE_RESUMES",
-    "DEFAULT_VISIBILITY_TIMEOUT",
     "SUMMARY_KEYS",
     "job_summary",
-    "lease_ttl",
     "run_coordinator",
-    "visibility_timeout",
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_VISIBILITY_TIMEOUT = 3600.0
-"""Seconds a Redis-broker message may stay unacknowledged by a silent worker before redelivery.
-
-Live Celery workers extend it for every message they hold (see ``celery_app``), so a
-long LM task or a coordinator running for hours is never redelivered while it runs;
-the value bounds how long a task of a dead worker waits before it runs elsewhere.
-"""
 
 DATABASE_RESUMES = 3
 """Times a coordinator resumes its job in place after the job database went away under it."""
@@ -62,29 +58,6 @@ SUMMARY_KEYS = (
     "stop_reason", "program_path", "registered",
 )
 """Keys of the summary an ``optimize`` task returns (the ``--json`` report of a run)."""
-
-
-def _positive_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {raw}")
-    return value
-
-
-def visibility_timeout() -> float:
-    """``DMIPRO_VISIBILITY_TIMEOUT`` in seconds (default 3600)."""
-    return _positive_float("DMIPRO_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)
-
-
-def lease_ttl() -> float:
-    """``DMIPRO_LEASE_TTL`` in seconds (default: the visibility timeout, at most 60 s)."""
-    return _positive_float("DMIPRO_LEASE_TTL", max(2.0, min(60.0, visibility_timeout())))
 
 
 def job_summary(record: JobRecord) -> dict[str, Any]:
@@ -101,15 +74,12 @@ def _job_lease(job_id: str, store: JobStore) -> Iterator[bool]:
 
     Without a Redis broker there is nothing to lease with: the block runs unguarded.
     """
-    from dmipro.config import get_settings
-
-    url = get_settings().broker_url
+    settings = get_settings()
+    url = settings.broker_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
         yield True
         return
-    import redis
-
-    ttl = lease_ttl()
+    ttl = settings.effective_lease_ttl
     client = redis.Redis.from_url(url)
     key, token = f"dmipro:lease:{job_id}", uuid.uuid4().hex
     waited = False
@@ -171,9 +141,6 @@ def run_coordinator(body: str, *, backend: str,
     ``body`` is the task's JSON payload (``job_id``, optional ``executor``); work tasks go
     to ``executor``, by default ``backend``. Returns :func:`job_summary` of the job.
     """
-    from dmipro.executor_adapters.base import decode_payload
-    from dmipro.teleprompt.mipro import run_job
-
     payload = decode_payload(body, what="optimize")
     if not isinstance(payload.get("job_id"), str) or not payload["job_id"]:
         raise DecodeError("optimize payload must be a JSON object with a job_id string")

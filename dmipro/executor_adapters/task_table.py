@@ -1,4 +1,11 @@
-"""Task registry: name → function taking a JSON payload and returning a JSON result."""
+"""The task table: name → body taking a JSON payload and returning a JSON result.
+
+It lives in the transport layer, as a broker holds its actors: task bodies
+(:mod:`dmipro.tasks`) register into it with :func:`task`, executors look them up by
+name and run them with :func:`execute`. A module that ships a task imports the module
+of its body (``evaluation`` → ``tasks.evaluate``), so the body is registered wherever
+the task can be sent; a worker imports :mod:`dmipro.tasks`, which registers them all.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,30 @@ from collections.abc import Callable
 from typing import Any
 
 from dmipro.errors import DecodeError, DmiproError, TaskError
-from dmipro.executor_adapters.base import decode_payload
+from dmipro.observability import background_task
+from dmipro.tracing import attach, span
+
+__all__ = ["TaskFn", "decode_payload", "encode_payload", "execute", "get_task", "task", "task_names"]
+
+def encode_payload(payload: dict[str, Any]) -> str:
+    """The payload as JSON text; anything that is not plain JSON is refused."""
+    try:
+        return json.dumps(payload, allow_nan=False, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"task payload is not JSON-serializable: {exc}") from exc
+
+
+def decode_payload(body: Any, *, what: str) -> dict[str, Any]:
+    """A payload's JSON text as a dict; anything else (or JSON nested too deep) is a DecodeError."""
+    try:
+        payload = json.loads(body)
+    except (TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise DecodeError(f"{what}: payload is not JSON ({detail})") from None
+    if not isinstance(payload, dict):
+        raise DecodeError(f"{what}: payload must be a JSON object, not {type(payload).__name__}")
+    return payload
+
 
 TaskFn = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -47,8 +77,6 @@ def execute(name: str, body: str) -> dict[str, Any]:
     """
     fn = get_task(name)
     payload = decode_payload(body, what=f"task {name}")
-    from dmipro.observability import background_task
-    from dmipro.tracing import attach, span
 
     try:
         with (
