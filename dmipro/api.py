@@ -17,7 +17,7 @@ from dmipro.jobs._load import JobSource, resolve_job
 from dmipro.jobs.candidate import Candidate
 from dmipro.jobs.runtime import check_plan, plan_for
 from dmipro.jobs.store import check_job_id
-from dmipro.teleprompt._coordinator import Coordinator, ProgressFn
+from dmipro.teleprompt.coordinator import Coordinator, ProgressFn
 from dmipro.teleprompt.result import OptimizationResult
 
 __all__ = ["JobSource", "check_plan", "evaluate", "optimize", "resolve_job"]

@@ -11,7 +11,7 @@ from dmipro.jobs.plan import (
     plan_run,
 )
 from dmipro.jobs.runtime import plan_for
-from dmipro.teleprompt._coordinator import Coordinator
+from dmipro.teleprompt.coordinator import Coordinator
 from dmipro.teleprompt.mipro import MIPROv2, run_job
 from dmipro.teleprompt.result import OptimizationResult, PhaseStats
 from dmipro.teleprompt.search import SearchSpace, Study

@@ -37,8 +37,8 @@ from dmipro.jobs.runtime import capture_dspy_settings, forget_runtime, get_runti
 from dmipro.jobs.spec import ExecutorConfig, JobSpec, LMConfig, OptimizerConfig
 from dmipro.jobs.store import JobState, JobStore
 from dmipro.refs import ref_of
-from dmipro.teleprompt._coordinator import Coordinator, ProgressFn
 from dmipro.teleprompt._remote_compile import compile_remote
+from dmipro.teleprompt.coordinator import Coordinator, ProgressFn
 from dmipro.teleprompt.result import OptimizationResult, json_trial_logs
 from dmipro.teleprompt.teleprompt import Teleprompter
 

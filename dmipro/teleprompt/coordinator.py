@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -19,22 +18,30 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dmipro.config import get_settings
 from dmipro.db import database_gone
 from dmipro.errors import DmiproError, LMError, OptimizationError
-from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
+from dmipro.evaluation import EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import bus, correlate
 from dmipro.executor_adapters.base import ExecutorAdapter
-from dmipro.jobs.candidate import Candidate, apply_candidate
+from dmipro.jobs._limits import task_deadlines
+from dmipro.jobs.candidate import Candidate
 from dmipro.jobs.plan import RunPlan, plan_demo_sets
 from dmipro.jobs.runtime import JobRuntime, plan_for
 from dmipro.jobs.store import JobState, JobStore
+from dmipro.lm._shared_cache import shared_cache_stats
 from dmipro.lm.faults import FaultCounts
+from dmipro.lm.ratelimit import health
 from dmipro.lm.usage import Usage
 from dmipro.propose.proposer import GroundedProposer
-from dmipro.seeding import rng_for
+from dmipro.registry import Registry
+from dmipro.storage import ProgramRecord
+from dmipro.storage.database import DatabaseProgramStore
+from dmipro.storage.directory import save_program_file
 from dmipro.tasks import bootstrap as _bootstrap_body  # noqa: F401  (registers bootstrap_demo_set, shipped here)
 from dmipro.teleprompt.result import OptimizationResult, PhaseStats
-from dmipro.teleprompt.search import SearchSpace, SearchState, Study, TrialKind, trial_batch, trial_kind
+from dmipro.teleprompt.search import SearchSpace, Study
+from dmipro.teleprompt.search_phase import Budget, SearchPhase
 from dmipro.tracing import span
 
 __all__ = ["Coordinator", "ProgressFn"]
@@ -44,27 +51,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ProgressFn = Callable[[dict[str, Any]], None]
 """Receives progress dicts: phase, trials_done, trials_total, best_score, lm_calls, tokens."""
-
-
-class _Budget:
-    def __init__(self, max_lm_calls: int | None, max_cost_usd: float | None) -> None:
-        self.max_lm_calls, self.max_cost_usd = max_lm_calls, max_cost_usd
-
-    def exhausted(self, usage: Usage) -> bool:
-        if self.max_lm_calls is not None and usage.calls >= self.max_lm_calls:
-            return True
-        cost = usage.cost_usd
-        return self.max_cost_usd is not None and cost is not None and cost >= self.max_cost_usd
-
-    def room_calls(self, usage: Usage) -> float:
-        """How many more LM calls fit (by calls and, through the mean price, by cost)."""
-        room = math.inf
-        if self.max_lm_calls is not None:
-            room = self.max_lm_calls - usage.calls
-        cost = usage.cost_usd
-        if self.max_cost_usd is not None and cost is not None and usage.calls:
-            room = min(room, (self.max_cost_usd - cost) / (cost / usage.calls) if cost else math.inf)
-        return room
 
 
 class Coordinator:
@@ -91,15 +77,15 @@ class Coordinator:
         self.opt = runtime.spec.optimizer
         self.seed = self.opt.seed
         self.phases: dict[str, PhaseStats] = {}
-        self._budget = _Budget(self.opt.max_lm_calls, self.opt.max_cost_usd)
+        self.budget = Budget(self.opt.max_lm_calls, self.opt.max_cost_usd)
         # Every evaluation's LM errors, for max_errors over the whole search.
         self._lm_errors = FaultCounts()
         # The LM error that failed a task (its counts died with the task).
         self._fatal = FaultCounts()
 
     # -- helpers -------------------------------------------------------------------
-    def _progress(self, phase: str, **data: Any) -> None:
-        usage = self._total_usage()
+    def progress(self, phase: str, **data: Any) -> None:
+        usage = self.total_usage()
         data.update(lm_calls=usage.calls, tokens=usage.tokens, cost_usd=usage.cost_usd)
         data.update(self._fault_progress())
         self.store.set_progress(self.job_id, phase=phase, **data)
@@ -111,8 +97,6 @@ class Coordinator:
 
     def _fault_progress(self) -> dict[str, Any]:
         """The run's LM fault counts, and what holds this process's LM calls back right now."""
-        from dmipro.lm.ratelimit import health
-
         faults = FaultCounts().add(self._fatal)
         for name, p in self.phases.items():
             if name != "search":
@@ -133,7 +117,7 @@ class Coordinator:
             "lm_health": health() or None,
         }
 
-    def _total_usage(self) -> Usage:
+    def total_usage(self) -> Usage:
         total = Usage()
         for p in self.phases.values():
             total.add(p.task_lm).add(p.prompt_lm)
@@ -150,7 +134,7 @@ class Coordinator:
             results[i] = res
         return results
 
-    def _cancelled(self) -> bool:
+    def cancelled(self) -> bool:
         return self.store.cancel_requested(self.job_id)
 
     def _watch(self) -> None:
@@ -158,12 +142,11 @@ class Coordinator:
         watch = getattr(self.executor, "watch", None)
         if watch is None:
             return
-        from dmipro.jobs._limits import task_deadlines
 
         program = self.runtime.fresh_program()
         watch(deadlines=task_deadlines(self.runtime.spec, predictors=len(program.named_predictors()),
                                        train_size=len(self.runtime.examples.get("train", []))),
-              cancelled=self._cancelled)
+              cancelled=self.cancelled)
 
     # -- the run -------------------------------------------------------------------
     def run(self) -> OptimizationResult:
@@ -197,7 +180,7 @@ class Coordinator:
                     self.store.set_progress(self.job_id, **self._fault_progress())
                 except Exception:
                     log.exception("could not record the LM fault counts of failed job %s", self.job_id)
-                ended = JobState.CANCELLED if self._cancelled() else JobState.FAILED
+                ended = JobState.CANCELLED if self.cancelled() else JobState.FAILED
                 self.store.finish(self.job_id, ended, error=message)
                 bus.emit("dspy.optimization.error", error=message, error_type=type(exc).__name__)
                 raise
@@ -212,7 +195,7 @@ class Coordinator:
         program = self.runtime.fresh_program()
         self.predictors = [name for name, _ in program.named_predictors()]
         self.plan = self._plan(program)
-        self._progress("bootstrap", trials_done=0, trials_total=self.plan.num_trials)
+        self.progress("bootstrap", trials_done=0, trials_total=self.plan.num_trials)
         baseline = self._prefetch_baseline(program)
         study = self._background(self._open_study, "dmipro-study")
         try:
@@ -235,7 +218,7 @@ class Coordinator:
         opened = study.result()
         opened.use(space)
         with span("dmipro.phase.search", job_id=self.job_id):
-            return self._search(opened, start, prefetched)
+            return SearchPhase(self, opened).run(start, prefetched)
 
     @staticmethod
     def _background(fn: Callable[[], T], name: str) -> Future[T]:
@@ -255,7 +238,7 @@ class Coordinator:
     def _open_study(self) -> Study:
         """Open the job's study and ask its first batch (done while phases 1 and 2 run)."""
         study = self._study()
-        self._ask_first_batch(study)
+        SearchPhase(self, study).ask_first_batch()
         return study
 
     def _study(self) -> Study:
@@ -273,23 +256,7 @@ class Coordinator:
         attrs["settings"] = self.opt.model_dump(mode="json")  # what optuna-dashboard shows an operator
         return Study(f"dmipro:{self.job_id}", url, seed=self.seed, space=shape, attrs=attrs)
 
-    def _ask_first_batch(self, study: Study) -> None:
-        """Ask the baseline and the first batch of trials now, while phases 1 and 2 run.
-
-        Asking only needs the shape of the search space, which the plan fixes; each ask
-        is a few storage writes, so doing them here takes them off the search's critical
-        path. The search then evaluates them as trials in flight. Skipped on a resumed
-        search and under a budget (whose batch size depends on what phases 1-2 cost).
-        """
-        if self.opt.max_lm_calls is not None or self.opt.max_cost_usd is not None or study.trials():
-            return
-        k = self._batch_size(SearchState(), self.plan, 0, study.n_startup_trials)
-        kind = TrialKind.MINIBATCH if self.plan.minibatch else TrialKind.FULL
-        study.ask(TrialKind.BASELINE, 0, study.space.baseline_params())
-        for _ in range(k):
-            study.ask(kind, 0)
-
-    def _evaluator(self) -> Evaluator:
+    def evaluator(self) -> Evaluator:
         return Evaluator(
             self.job_id,
             self.executor,
@@ -320,7 +287,7 @@ class Coordinator:
             }
             for name, pred in program.named_predictors()
         }
-        evaluator = self._evaluator()
+        evaluator = self.evaluator()
         ids = list(self.plan.val_ids)
         return self._background(lambda: evaluator(candidate, ids, trial=1), "dmipro-baseline")
 
@@ -332,7 +299,7 @@ class Coordinator:
         if saved is not None:
             self.phases[name] = PhaseStats.from_json(saved["stats"], resumed=True)
             return saved
-        if self._budget.exhausted(self._total_usage()):
+        if self.budget.exhausted(self.total_usage()):
             raise OptimizationError(
                 f"the LM budget ran out before the {name} phase; raise max_lm_calls or max_cost_usd"
             )
@@ -380,192 +347,14 @@ class Coordinator:
             num_sets=len(plans),
             demos_per_set=[sum(len(sets[i][n]) for n in self.predictors) for i in range(len(plans))],
         )
-        self._progress("propose")
+        self.progress("propose")
         return {"demo_sets": demo_sets}
-
-    # -- phase 3 ---------------------------------------------------------------------
-    def _search(
-        self, study: Study, start: float, prefetched: EvaluationResult | None = None
-    ) -> OptimizationResult:
-        saved = self.store.load_checkpoint(self.job_id, "search")
-        stats = self.phases["search"] = (
-            PhaseStats.from_json(saved["stats"], resumed=False) if saved else PhaseStats()
-        )
-        t0 = time.perf_counter() - stats.wall_s
-        plan = self.plan
-        space = study.space
-        evaluator = self._evaluator()
-        if prefetched is not None:
-            stats.task_lm.add(prefetched.usage)
-            stats.faults.add(prefetched.faults)
-        val_ids = list(plan.val_ids)
-        stop_reason = "completed"
-        eval_calls = eval_examples = 0
-
-        def save() -> None:
-            stats.wall_s = time.perf_counter() - t0
-            self.store.save_checkpoint(self.job_id, "search", {"stats": stats.to_json()})
-
-        while True:
-            st = study.state()
-            done = st.minibatch_done if plan.minibatch else st.full_done
-            self._progress(
-                "search",
-                trials_done=done,
-                trials_total=plan.num_trials,
-                best_score=None if st.best_params is None else st.best_score,
-                baseline_score=None if st.baseline is None else float(st.baseline.value),
-            )
-            if self._cancelled():
-                stop_reason = "cancelled"
-                break
-            usage = self._total_usage()
-            if self._budget.exhausted(usage) and st.baseline is not None:
-                stop_reason = "budget"
-                break
-
-            # One round: the trials in flight before a restart; or the full evaluations now
-            # due and the next batch of trials. They are independent, so unless DSPy's exact
-            # sequence was asked for (parallel_trials=1) they are evaluated together.
-            rerun = list(st.running)
-            picks: list[tuple[str, dict[str, Any]]] = []
-            if plan.minibatch and not rerun:
-                target = plan.expected_full_evals if done >= plan.num_trials else done // plan.full_eval_steps
-                picks = st.next_full_evals(max(0, target - st.full_done))
-            # Trials in flight keep their batch, and so their shared minibatch.
-            batch = max(trial_batch(t) for t in rerun) if rerun else st.batches
-            trials = rerun
-            if not rerun and (not picks or self.opt.parallel_trials != 1):
-                trials = []
-                if st.baseline is None:
-                    trials.append(study.ask(TrialKind.BASELINE, batch, space.baseline_params()))
-                k = self._batch_size(st, plan, done, study.n_startup_trials) if done < plan.num_trials else 0
-                room = self._budget.room_calls(usage)
-                if k and math.isfinite(room):
-                    per_example = eval_calls / eval_examples if eval_examples else 1.0
-                    per_trial = plan.minibatch_size if plan.minibatch else len(val_ids)
-                    k = min(k, int(room // max(1.0, per_example * per_trial)))
-                    if k < 1 and st.baseline is not None and not picks:
-                        stop_reason = "budget"
-                        break
-                kind = TrialKind.MINIBATCH if plan.minibatch else TrialKind.FULL
-                trials += [study.ask(kind, batch) for _ in range(max(0, k))]
-            if not picks and not trials:
-                break
-
-            mb_ids = (
-                rng_for(self.seed, "minibatch", batch).sample(val_ids, plan.minibatch_size)
-                if plan.minibatch
-                else val_ids
-            )
-            first_full = len(study.trials()) + 1
-            requests = [
-                EvalRequest(space.candidate(params), val_ids, trial=first_full + j)
-                for j, (_, params) in enumerate(picks)
-            ]
-            for t in trials:
-                kind = trial_kind(t) or TrialKind.MINIBATCH
-                ids = mb_ids if kind == TrialKind.MINIBATCH else val_ids
-                requests.append(EvalRequest(space.candidate(t.params), ids, trial=t.number + 1))
-                bus.emit(
-                    "dspy.optimization.trial_start",
-                    trial=t.number + 1,
-                    kind=kind,
-                    candidate=space.key(t.params),
-                )
-            with span(
-                "dmipro.trial",
-                job_id=self.job_id,
-                batch=batch,
-                trial=",".join(str(r.trial) for r in requests),
-            ):
-                results = self._evaluate(evaluator, requests)
-            stats.depth += len(self.predictors)
-
-            for (key, params), res in zip(picks, results, strict=False):
-                stats.task_lm.add(res.usage)
-                stats.faults.add(res.faults)
-                study.add_full(params, res.score, batch)
-                bus.emit(
-                    "dspy.optimization.trial_complete",
-                    trial=len(study.trials()),
-                    kind=TrialKind.FULL,
-                    score=res.score,
-                    candidate=key,
-                )
-            for t, res in zip(trials, results[len(picks) :], strict=True):
-                if trial_kind(t) == TrialKind.BASELINE and res.n and res.errors == res.n:
-                    first_error = next(r.error for r in res.results if r.error)
-                    raise OptimizationError(
-                        f"the program failed on every validation example; first error: {first_error}"
-                    )
-                stats.task_lm.add(res.usage)
-                stats.faults.add(res.faults)
-                eval_calls += res.usage.calls
-                eval_examples += res.n - res.cached
-                study.tell(t.number, res.score)
-                bus.emit(
-                    "dspy.optimization.trial_complete",
-                    trial=t.number + 1,
-                    kind=trial_kind(t),
-                    score=res.score,
-                    candidate=space.key(t.params),
-                )
-            save()
-
-        save()
-        st = study.state()
-        if st.baseline is None or st.best_params is None:
-            raise OptimizationError("the search ended before the baseline program was evaluated")
-        return self._result(space, study, st, stop_reason, start)
-
-    def _batch_size(self, st: SearchState, plan: RunPlan, done: int, n_startup: int) -> int:
-        """Trials to ask at once: ``parallel_trials``, or enough to fill the executor.
-
-        By default the batch also covers every trial TPE still samples at random (its
-        first ``n_startup`` completed trials, the baseline included): those choices do
-        not depend on results, so evaluating them together loses nothing.
-        """
-        remaining = plan.num_trials - done
-        if self.opt.parallel_trials is not None:
-            k = self.opt.parallel_trials
-        else:
-            per_trial = plan.minibatch_size if plan.minibatch else len(plan.val_ids)
-            startup_left = n_startup - st.completed - (0 if st.baseline is not None else 1)
-            k = max(1, math.ceil(self.executor.capacity / per_trial), startup_left)
-        return max(1, min(k, remaining))
-
-    def _evaluate(self, evaluator: Evaluator, requests: list[EvalRequest]) -> list[EvaluationResult]:
-        """Evaluate a batch; identical candidates on identical examples are evaluated once."""
-        from dmipro.jobs.candidate import fingerprint
-
-        unique: dict[tuple[str, tuple[int, ...]], int] = {}
-        todo: list[EvalRequest] = []
-        index = []
-        for req in requests:
-            key = (fingerprint(req.candidate), tuple(req.example_ids or ()))
-            if key not in unique:
-                unique[key] = len(todo)
-                todo.append(req)
-            index.append(unique[key])
-        results = evaluator.evaluate_many(todo)
-        seen: set[int] = set()
-        out = []
-        for i in index:
-            res = results[i]
-            if i in seen:  # a duplicate costs nothing: report it as cached
-                res = EvaluationResult(res.score, res.results, Usage(), res.wall_s, res.n)
-            seen.add(i)
-            out.append(res)
-        return out
 
     def _lm_cache_stats(self) -> dict[str, Any] | None:
         """The job's shared LM cache counters, when one of its LMs uses ``cache: shared``."""
         spec = self.runtime.spec
         if "shared" not in (spec.lm.cache, spec.effective_prompt_lm.cache):
             return None
-        from dmipro.config import get_settings
-        from dmipro.lm._shared_cache import shared_cache_stats
 
         try:
             return shared_cache_stats(self.job_id, get_settings().broker_url)
@@ -576,9 +365,6 @@ class Coordinator:
     # -- result ----------------------------------------------------------------------
     def _save(self, result: OptimizationResult) -> None:
         """Write the best program as DSPy's own ``program.save()`` JSON."""
-        from dmipro.config import get_settings
-        from dmipro.storage.directory import save_program_file
-
         if self.program_path is not None:  # the caller's own choice of file (--out)
             path = save_program_file(result.program, self.program_path)
         else:
@@ -591,8 +377,6 @@ class Coordinator:
             result.registered = self._register(result)
 
     def _record(self, result: OptimizationResult) -> Any:
-        from dmipro.storage import ProgramRecord
-
         spec = self.runtime.spec
         return ProgramRecord.from_program(
             result.program,
@@ -612,8 +396,6 @@ class Coordinator:
         The file under ``DMIPRO_HOME`` is on the coordinator's machine only; the database is
         what every client of the job reaches (``JobHandle.result()`` reads it from there).
         """
-        from dmipro.storage.database import DatabaseProgramStore
-
         programs = DatabaseProgramStore(self.store.url)
         saved = programs.list(job_id=self.job_id)
         if saved:  # a resumed coordinator that saved it before it was stopped
@@ -622,8 +404,6 @@ class Coordinator:
 
     def _register(self, result: OptimizationResult) -> dict[str, Any]:
         """Register the best program under the job's ``register.name``, once per job."""
-        from dmipro.registry import Registry
-
         spec = self.runtime.spec
         assert spec.registration is not None
         registry = Registry(self.store.url)
@@ -638,55 +418,3 @@ class Coordinator:
         info = registry.register(name, self._record(result), deploy=spec.registration.deploy)
         return {"name": name, "version": info.version, "deployed": info.deployed}
 
-    def _result(
-        self, space: SearchSpace, study: Study, st: SearchState, stop_reason: str, start: float
-    ) -> OptimizationResult:
-        assert st.best_params is not None and st.baseline is not None
-        best_candidate = space.candidate(st.best_params)
-        program = apply_candidate(self.runtime.fresh_program(), best_candidate)
-        trial_logs: dict[int, dict[str, Any]] = {}
-        full: list[dict[str, Any]] = []
-        mb: list[dict[str, Any]] = []
-        for t in study.trials():
-            if t.value is None:
-                continue
-            kind = trial_kind(t)
-            entry = {
-                "kind": kind,
-                "score": float(t.value),
-                "params": dict(t.params),
-                "candidate": space.key(t.params),
-                "full_eval": kind != TrialKind.MINIBATCH,
-            }
-            trial_logs[t.number + 1] = entry
-            (mb if kind == TrialKind.MINIBATCH else full).append(entry)
-        candidate_programs = [
-            {
-                "score": e["score"],
-                "full_eval": True,
-                "candidate": e["candidate"],
-                "program": apply_candidate(self.runtime.fresh_program(), space.candidate(e["params"])),
-            }
-            for e in sorted(full, key=lambda e: -e["score"])
-        ]
-        mb_candidate_programs = [
-            {"score": e["score"], "full_eval": False, "candidate": e["candidate"], "params": e["params"]}
-            for e in sorted(mb, key=lambda e: -e["score"])
-        ]
-        done = st.minibatch_done if self.plan.minibatch else st.full_done
-        return OptimizationResult(
-            job_id=self.job_id,
-            program=program,
-            best_candidate=best_candidate,
-            baseline_score=float(st.baseline.value),
-            best_score=st.best_score,
-            trials=done,
-            stop_reason=stop_reason,
-            phases=dict(self.phases),
-            trial_logs=trial_logs,
-            candidate_programs=candidate_programs,
-            mb_candidate_programs=mb_candidate_programs,
-            wall_s=time.perf_counter() - start,
-            val_ids=list(self.plan.val_ids),
-            trial_candidates={n: space.candidate(e["params"]) for n, e in trial_logs.items()},
-        )
