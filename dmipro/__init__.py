@@ -170,6 +170,6 @@ __all__ = [
 
 def load(spec: str) -> Any:
     """The deployed version of a registered program (``"math_qa"``) or a given one (``"math_qa@3"``)."""
-    from dmipro.registry import load as registry_load
+    from dmipro.registry import load as registry_load  # on first use: `import dmipro` stays light
 
     return registry_load(spec)

@@ -29,6 +29,7 @@ from dmipro.jobs.candidate import Candidate, fingerprint
 from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
 from dmipro.tasks import evaluate as _evaluate_body  # noqa: F401  (registers evaluate_chunk, shipped here)
+from dmipro.tracing import span
 
 __all__ = [
     "chunk_size_for",
@@ -173,8 +174,6 @@ class Evaluator:
 
     def evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
         """Evaluate several candidates at once, sharing the executor's capacity."""
-        from dmipro.tracing import span
-
         with span(
             "dmipro.evaluate",
             job_id=self.job_id,

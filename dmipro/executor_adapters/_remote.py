@@ -37,7 +37,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
-from dmipro import errors
+from dmipro import errors, tracing
+from dmipro.config import get_settings
 from dmipro.errors import DmiproError, ExecutorError, TaskError
 from dmipro.executor_adapters._fair import FairShare
 from dmipro.executor_adapters.base import ExecutorAdapter
@@ -209,7 +210,6 @@ class RemoteExecutor(ExecutorAdapter):
         """What to send now: the outbox, or as much of it as this job's fair share allows."""
         if not self._fair_ready:
             self._fair_ready = True
-            from dmipro.config import get_settings
 
             client = self._fair_client() if get_settings().fair_share else None
             if client is not None:
@@ -233,8 +233,6 @@ class RemoteExecutor(ExecutorAdapter):
             return len(self._outbox) + len(self._pending)
 
     def _ship(self, task: str, body: str) -> Future[dict[str, Any]]:
-        from dmipro import tracing
-
         fut: Future[dict[str, Any]] = Future()
         shipment = Shipment(new_task_id(), task, body, tracing.inject())
         with self._lock:

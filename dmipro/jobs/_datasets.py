@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dmipro.config import get_settings
 from dmipro.errors import DatasetError
 from dmipro.refs import import_ref, is_ref
 
@@ -53,8 +54,6 @@ def _confined(base_dir: Path, source: str, field: str) -> Path:
 
     The path is resolved first (``..`` and symlinks followed), so neither can lead out.
     """
-    from dmipro.config import get_settings
-
     path = (base_dir / source).resolve()
     roots = [base_dir.resolve(), *(Path(r).resolve() for r in get_settings().data_roots)]
     if not any(path.is_relative_to(root) for root in roots):

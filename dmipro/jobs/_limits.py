@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dmipro.config import get_settings
 from dmipro.errors import JobSpecError
 
 __all__ = ["DEFAULT_LM_DEADLINE_S", "check_caps", "lm_deadline_s", "task_deadlines"]
@@ -57,8 +58,6 @@ def check_caps(spec: Any) -> None:
     own settings decide: ``DMIPRO_MAX_TRIALS``, ``DMIPRO_MAX_CANDIDATES``,
     ``DMIPRO_MAX_DATASET_ROWS`` and ``DMIPRO_MAX_PAYLOAD_BYTES``.
     """
-    from dmipro.config import get_settings
-
     settings = get_settings()
     opt = spec.optimizer
     for name, cap, env in (("num_trials", settings.max_trials, "DMIPRO_MAX_TRIALS"),

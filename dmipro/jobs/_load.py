@@ -16,6 +16,7 @@ from dmipro.jobs._datasets import fingerprint_records, load_records
 from dmipro.jobs._limits import check_caps
 from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.spec import JobSpec, LMConfig
+from dmipro.lm import SIM_OPTIONS
 from dmipro.refs import ensure_importable, import_ref, trusted_code_paths
 
 __all__ = ["Job", "JobSource", "build_program", "load_job", "parse_spec", "required_fields", "resolve_job"]
@@ -121,8 +122,6 @@ def _check_lm(cfg: LMConfig, field: str) -> None:
             field=f"{field}.api_key_env",
         )
     if cfg.is_sim:
-        from dmipro.lm import SIM_OPTIONS
-
         unknown = sorted(set(cfg.sim or {}) - set(SIM_OPTIONS))
         if unknown:
             raise JobSpecError(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dmipro.propose.grounded import (
+from dmipro.propose.proposer import GroundedProposer
+from dmipro.tasks.grounded import (
     MAX_DATA_BATCHES,
     TIPS,
     choose_tip,
@@ -12,7 +13,6 @@ from dmipro.propose.grounded import (
     render_examples,
     task_demos_for,
 )
-from dmipro.propose.proposer import GroundedProposer
 
 __all__ = [
     "GroundedProposer",

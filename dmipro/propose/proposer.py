@@ -11,9 +11,9 @@ from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.jobs.runtime import JobRuntime
 from dmipro.lm.faults import FaultCounts
 from dmipro.lm.usage import Usage
-from dmipro.propose.grounded import choose_tip, data_batches, module_string, program_code, task_demos_for
 from dmipro.seeding import rng_for
 from dmipro.tasks import propose as _propose_body  # noqa: F401  (registers the proposal tasks, shipped here)
+from dmipro.tasks.grounded import choose_tip, data_batches, module_string, program_code, task_demos_for
 
 if TYPE_CHECKING:  # the teleprompt package imports this module
     from dmipro.teleprompt.result import PhaseStats

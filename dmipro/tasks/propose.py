@@ -11,7 +11,7 @@ from dmipro.events import correlate
 from dmipro.executor_adapters.task_table import task
 from dmipro.jobs.runtime import JobRuntime, get_runtime
 from dmipro.lm.usage import metered
-from dmipro.propose.grounded import render_examples
+from dmipro.tasks.grounded import render_examples
 
 __all__ = ["describe_data", "describe_module", "describe_program", "propose_instruction", "summarize_data"]
 

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from dmipro.db import patient_connects
 from dmipro.jobs.candidate import Candidate
 
 __all__ = [
@@ -228,8 +229,6 @@ class Study:
         )
         storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
         if not sqlite:
-            from dmipro.db import patient_connects
-
             patient_connects(storage.engine)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
         self.study = optuna.create_study(

@@ -3,6 +3,9 @@
 The ``dmipro`` app mounts them: ``dmipro worker celery|rq``, ``dmipro submit``,
 ``dmipro status``, ``dmipro wait``, ``dmipro cancel`` and ``dmipro flower``. Each turns a
 :class:`~dmipro.errors.DmiproError` into ``error: ...`` on stderr and exit status 2.
+
+Each command imports what it runs (Celery, RQ, the job stack) inside its body: every
+``dmipro`` invocation builds this app, and ``dmipro --help`` must not pay for them.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
-from dmipro._cli_util import cli_errors
+from dmipro._cli_util import cli_errors, write_json
 from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
+from dmipro.errors import ConfigError
 
 __all__ = [
     "cancel_cmd",
@@ -31,8 +35,6 @@ JobIdArg = Annotated[str, typer.Argument(help="The job id submit printed.", show
 
 
 def _emit(data: Any) -> None:
-    from dmipro._cli_util import write_json
-
     write_json(data)
 
 
@@ -207,7 +209,6 @@ def flower_cmd(
     import ipaddress
     import os
 
-    from dmipro.errors import ConfigError
     from dmipro.workers.celery_app import get_app
 
     if basic_auth is not None:
