@@ -28,7 +28,6 @@ for a stuck task.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -43,12 +42,12 @@ from dmipro.errors import DmiproError, ExecutorError, TaskError
 from dmipro.executor_adapters._fair import FairShare
 from dmipro.executor_adapters.base import ExecutorAdapter
 
-__all__ = ["Outcome", "RemoteExecutor", "Shipment", "new_task_id", "remote_error"]
+__all__ = [
+    "ERROR_FIELDS", "Outcome", "RemoteExecutor", "Shipment", "error_record", "new_task_id", "remote_error",
+]
 
 log = logging.getLogger(__name__)
 
-_TASK_ERROR_TYPE = re.compile(r"^task \S+ failed: (?P<type>[A-Za-z_][\w.]*):")
-_FIELD_PREFIX = re.compile(r"^(?P<field>[A-Za-z_][\w.]*): ")
 
 
 def new_task_id() -> str:
@@ -74,30 +73,52 @@ class Outcome:
     error: DmiproError | None = None
 
 
-def remote_error(task: str, type_name: str, message: str) -> DmiproError:
-    """The error a worker reported, as the caller should see it.
+ERROR_FIELDS = ("field", "task", "error_type", "status", "provider", "retry_after")
+"""The attributes of dmipro's errors that travel with a task's error record."""
+
+
+def error_record(exc: BaseException) -> dict[str, Any]:
+    """A task's error as the JSON a worker sends back: ``type``, ``message`` and the error's fields.
+
+    The RQ worker stores it in the job's ``meta["error"]``; the Celery worker carries it as
+    the exception's second argument, so the result backend keeps it with the failure.
+    """
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    for name in ERROR_FIELDS:
+        value = getattr(exc, name, None)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            record[name] = value
+    return record
+
+
+def remote_error(task: str, record: dict[str, Any]) -> DmiproError:
+    """The error a worker reported (an :func:`error_record`), as the caller should see it.
 
     A :class:`~dmipro.errors.DmiproError` subclass comes back as that class with its
-    message (a worker refusing a reference is still a ``RefError``, its ``field`` read
-    back from the message); anything else becomes a :class:`~dmipro.errors.TaskError`
-    naming the original type.
+    message and fields (a worker refusing a reference is still a ``RefError`` naming its
+    ``field``); anything else becomes a :class:`~dmipro.errors.TaskError` naming the
+    original type.
     """
+    type_name = str(record.get("type") or "Exception")
+    message = str(record.get("message", ""))
     cls = getattr(errors, type_name, None) if type_name in errors.__all__ else None
-    if isinstance(cls, type) and issubclass(cls, DmiproError):
-        if issubclass(cls, TaskError):
-            match = _TASK_ERROR_TYPE.match(message)
-            return cls(message, task=task, error_type=match["type"] if match else type_name)
-        try:
-            error = cls(message)
-        except TypeError:  # a subclass with a different constructor: keep the type name in a TaskError
-            pass
-        else:
-            match = _FIELD_PREFIX.match(message)
-            if isinstance(error, errors.JobSpecError) and match:
-                error.field = match["field"]
-            return error
-    return TaskError(f"task {task} failed on a worker: {type_name}: {message}", task=task,
-                     error_type=type_name)
+    if not (isinstance(cls, type) and issubclass(cls, DmiproError)):
+        return TaskError(f"task {task} failed on a worker: {type_name}: {message}", task=task,
+                         error_type=type_name)
+    # Rebuilt without its constructor, which may format the message again (JobSpecError
+    # prefixes the field): the message is the worker's, word for word.
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    if isinstance(error, TaskError):
+        error.task, error.error_type = task, type_name
+    if isinstance(error, errors.JobSpecError):
+        error.field = None
+    if isinstance(error, errors.LMError):
+        error.retry_after = error.status = error.provider = None
+    for name in ERROR_FIELDS:
+        if name in record and isinstance(record[name], str | int | float):
+            setattr(error, name, record[name])
+    return error
 
 
 class RemoteExecutor(ExecutorAdapter):

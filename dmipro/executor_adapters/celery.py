@@ -320,16 +320,17 @@ def _outcome(task: str, meta: Any) -> Outcome | None:
 
 def _failure(task: str, info: Any) -> DmiproError:
     if isinstance(info, BaseException):  # a backend that decodes exceptions itself
-        return remote_error(task, type(info).__name__, str(info))
-    if isinstance(info, dict):
-        type_name = str(info.get("exc_type") or "Exception")
-        args = info.get("exc_message")
-        if isinstance(args, list | tuple):
-            message = str(args[0]) if len(args) == 1 else ", ".join(str(a) for a in args)
-        else:
-            message = str(args or "")
-        return remote_error(task, type_name, message)
-    return remote_error(task, "Exception", str(info))
+        info = {"exc_type": type(info).__name__, "exc_message": list(info.args)}
+    if not isinstance(info, dict):
+        return remote_error(task, {"type": "Exception", "message": str(info)})
+    args = info.get("exc_message")
+    if isinstance(args, list | tuple) and len(args) == 2 and isinstance(args[1], dict) and "type" in args[1]:
+        return remote_error(task, args[1])  # a dmipro worker's error record (see workers.celery_app)
+    if isinstance(args, list | tuple):
+        message = str(args[0]) if len(args) == 1 else ", ".join(str(a) for a in args)
+    else:
+        message = str(args or "")
+    return remote_error(task, {"type": str(info.get("exc_type") or "Exception"), "message": message})
 
 
 def _summary(body: str) -> str:

@@ -311,15 +311,16 @@ class RQExecutor(RemoteExecutor):
                 out.add(job_id)
         return out
 
+
 def _failure(task: str, job: Any) -> DmiproError:
     meta = job.meta if isinstance(job.meta, dict) else {}  # a job written by something else
     error = meta.get("error")
-    if isinstance(error, dict) and "type" in error:
-        return remote_error(task, str(error["type"]), str(error.get("message", "")))
+    if isinstance(error, dict) and "type" in error:  # the worker's error record
+        return remote_error(task, error)
     # No recorded error: the worker died (AbandonedJobError) or a timeout stopped the job.
     result = job.latest_result()
     text = (getattr(result, "exc_string", None) or "").strip()
     last = text.splitlines()[-1] if text else "the job failed without an error message"
     type_name, _, message = last.partition(": ")
     type_name = type_name.rsplit(".", 1)[-1] if message and " " not in type_name else "Exception"
-    return remote_error(task, type_name, message or last)
+    return remote_error(task, {"type": type_name, "message": message or last})

@@ -42,6 +42,7 @@ from dmipro._imports import guarded
 from dmipro.config import get_settings
 from dmipro.defaults import COORDINATOR_QUEUE
 from dmipro.executor_adapters import celery as protocol
+from dmipro.executor_adapters._remote import error_record
 from dmipro.executor_adapters.celery import OPTIMIZE_TASK, TRACE_HEADER, task_name
 from dmipro.executor_adapters.task_table import execute, task_names
 from dmipro.workers._reconcile import start_reconciler
@@ -114,7 +115,13 @@ def _register_work(app: Celery, name: str) -> None:
     def run(self: Task, body: str) -> dict[str, Any]:
         setup_worker_process()
         with tracing.attach(_trace_of(self.request)):
-            return execute(name, body)
+            try:
+                return execute(name, body)
+            except Exception as exc:
+                # The error record rides as the exception's second argument: Celery stores the
+                # arguments as JSON, and the executor rebuilds the same error from them.
+                exc.args = (str(exc), error_record(exc))
+                raise
 
     run.__name__ = run.__qualname__ = re.sub(r"\W", "_", name)  # Celery builds a signature from it
     run.__doc__ = f"Run dmipro task {name!r} on a JSON payload (see dmipro.tasks)."
@@ -131,7 +138,11 @@ def _register_optimize(app: Celery) -> None:
                 self.update_state(task_id=task_id, state="PROGRESS", meta=_jsonable(progress))
 
         with tracing.attach(_trace_of(self.request)):
-            return run_coordinator(body, backend="celery", on_progress=on_progress)
+            try:
+                return run_coordinator(body, backend="celery", on_progress=on_progress)
+            except Exception as exc:
+                exc.args = (str(exc), error_record(exc))
+                raise
 
     optimize.__doc__ = "Run or resume one optimization job (the coordinator); reports PROGRESS meta."
     app.task(name=OPTIMIZE_TASK, bind=True, shared=False, acks_late=True,

@@ -33,6 +33,7 @@ from dmipro import tracing
 from dmipro._imports import guarded
 from dmipro.defaults import WORK_QUEUE
 from dmipro.errors import ConfigError
+from dmipro.executor_adapters._remote import error_record
 from dmipro.executor_adapters.rq import OPTIMIZE_FUNC, TASK_FUNC, redis_connection
 from dmipro.executor_adapters.task_table import execute
 from dmipro.refs import ensure_importable, trusted_code_paths
@@ -67,7 +68,7 @@ def _record_error(exc: BaseException) -> None:
     if job is None:
         return
     try:
-        job.meta["error"] = {"type": type(exc).__name__, "message": str(exc)}
+        job.meta["error"] = error_record(exc)
         job.save_meta()
     except Exception as meta_exc:  # RQ still records the traceback
         log.warning("recording the error of job %s failed: %s", job.id, meta_exc)

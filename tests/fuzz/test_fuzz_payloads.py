@@ -134,7 +134,7 @@ def test_a_coordinator_body_gets_a_summary_or_a_clear_error(body: str) -> None:
 def test_a_remote_error_decodes_to_a_dmipro_error(type_name: str, message: str) -> None:
     from dmipro.executor_adapters._remote import remote_error
 
-    assert isinstance(remote_error("evaluate_chunk", type_name, message), DmiproError)
+    assert isinstance(remote_error("evaluate_chunk", {"type": type_name, "message": message}), DmiproError)
 
 
 @SETTINGS
