@@ -151,7 +151,7 @@ def _job(spec: dict[str, Any]) -> Any:
 
 def _thread_run(latency_ms: float, slots: int) -> float:
     """Wall time of the same job on an in-process thread pool with ``slots`` threads."""
-    from dmipro.executor_adapters import ThreadExecutor
+    from dmipro.executor_adapters import ThreadAdapter
     from dmipro.jobs import JobStore
     from dmipro.teleprompt.mipro import run_job
 
@@ -159,7 +159,7 @@ def _thread_run(latency_ms: float, slots: int) -> float:
     spec["executor"]["backend"] = "thread"
     job = _job(spec)
     job_id = JobStore().create(name="scaling-thread", spec=job.to_json(), executor="thread").id
-    with ThreadExecutor(slots) as ex:
+    with ThreadAdapter(slots) as ex:
         run_job(job_id, executor=ex)
     record = JobStore().get(job_id)
     return float((record.finished_at or 0.0) - (record.started_at or 0.0))
@@ -167,8 +167,8 @@ def _thread_run(latency_ms: float, slots: int) -> float:
 
 def _overhead(job_id: str, rounds: int, burst: int) -> dict[str, Any]:
     """Round trip of an evaluate_chunk on no examples: Celery against inline."""
-    from dmipro.executor_adapters import InlineExecutor
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters import InlineAdapter
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
     payload = {"job": job_id, "split": "val", "example_ids": [], "candidate": None}
 
@@ -181,9 +181,9 @@ def _overhead(job_id: str, rounds: int, burst: int) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         return times
 
-    with InlineExecutor() as inline:
+    with InlineAdapter() as inline:
         local = round_trips(inline)
-    with CeleryExecutor(16) as celery:
+    with CeleryAdapter(16) as celery:
         remote = round_trips(celery)
         t0 = time.perf_counter()
         for _ in celery.map("evaluate_chunk", [payload] * burst):

@@ -51,7 +51,7 @@ if typing.TYPE_CHECKING:
     from dmipro.api import evaluate, optimize
     from dmipro.evaluation import EvaluationResult, Evaluator
     from dmipro.events import Event, Subscriber, bus
-    from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, ThreadExecutor, make_executor
+    from dmipro.executor_adapters import ExecutorAdapter, InlineAdapter, ThreadAdapter, make_executor
     from dmipro.jobs import Job, JobSpec, JobState, JobStore, load_job
     from dmipro.jobs.submit import JobHandle, cancel, status, submit, wait
     from dmipro.lm import Usage, build_lm
@@ -67,8 +67,8 @@ _LAZY = {
     "Subscriber": "dmipro.events",
     "bus": "dmipro.events",
     "ExecutorAdapter": "dmipro.executor_adapters",
-    "InlineExecutor": "dmipro.executor_adapters",
-    "ThreadExecutor": "dmipro.executor_adapters",
+    "InlineAdapter": "dmipro.executor_adapters",
+    "ThreadAdapter": "dmipro.executor_adapters",
     "make_executor": "dmipro.executor_adapters",
     "Job": "dmipro.jobs",
     "JobSpec": "dmipro.jobs",
@@ -118,7 +118,7 @@ __all__ = [
     "ExecutorAdapter",
     "ExecutorError",
     "ExperimentError",
-    "InlineExecutor",
+    "InlineAdapter",
     "Job",
     "JobHandle",
     "JobNotFoundError",
@@ -150,7 +150,7 @@ __all__ = [
     "StorageError",
     "Subscriber",
     "TaskError",
-    "ThreadExecutor",
+    "ThreadAdapter",
     "Usage",
     "__version__",
     "ab",

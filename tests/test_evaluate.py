@@ -17,7 +17,7 @@ import dmipro.jobs.runtime as runtime_module
 from dmipro.errors import EvaluationError
 from dmipro.evaluation import EvalRequest, EvaluationResult, Evaluator, StoreScoreCache
 from dmipro.events import Event, bus
-from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, ThreadExecutor
+from dmipro.executor_adapters import ExecutorAdapter, InlineAdapter, ThreadAdapter
 from dmipro.jobs import JobRuntime, JobStore, forget_runtime, load_job, register_runtime
 from dmipro.lm._sim import sim_lm
 from examples.math_qa.program import build, exact_match
@@ -53,7 +53,7 @@ def make_runtime() -> Iterator[MakeRuntime]:
 
 @pytest.fixture(params=["inline", "thread"])
 def executor(request: pytest.FixtureRequest) -> Iterator[ExecutorAdapter]:
-    ex: ExecutorAdapter = InlineExecutor() if request.param == "inline" else ThreadExecutor(8)
+    ex: ExecutorAdapter = InlineAdapter() if request.param == "inline" else ThreadAdapter(8)
     yield ex
     ex.close()
 
@@ -205,7 +205,7 @@ def test_failed_examples_are_not_cached(make_runtime: MakeRuntime, executor: Exe
     assert second.results == first.results
 
 
-class RecordingExecutor(ThreadExecutor):
+class RecordingExecutor(ThreadAdapter):
     """A thread executor that keeps every payload it ships."""
 
     def __init__(self, concurrency: int) -> None:

@@ -16,7 +16,7 @@ Backends override three hooks, all called on the collector thread only:
 left out; a backend calls ``_mark_started(id)`` when it sees a task running) and
 ``_revoke(ids)``.
 
-A coordinator watches its job (:meth:`~RemoteExecutor.watch`): every task gets a deadline
+A coordinator watches its job (:meth:`~RemoteAdapter.watch`): every task gets a deadline
 (seconds from when it was seen running, by task name), past which its future fails with
 a ``TaskError`` (``error_type="TaskDeadlineExceeded"``) and the task is revoked; and once
 the job's cancel flag is set, the coordinator gets ``cancel_grace_s`` to stop at its next
@@ -43,7 +43,7 @@ from dmipro.executor_adapters._fair import FairShare
 from dmipro.executor_adapters.base import ExecutorAdapter
 
 __all__ = [
-    "ERROR_FIELDS", "Outcome", "RemoteExecutor", "Shipment", "error_record", "new_task_id", "remote_error",
+    "ERROR_FIELDS", "Outcome", "RemoteAdapter", "Shipment", "error_record", "new_task_id", "remote_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def remote_error(task: str, record: dict[str, Any]) -> DmiproError:
     return error
 
 
-class RemoteExecutor(ExecutorAdapter):
+class RemoteAdapter(ExecutorAdapter):
     """Base of the adapters that run tasks in worker processes; see the module docstring.
 
     Thread safety: ``_ship`` and ``close`` may be called from any thread; the hooks run on

@@ -42,7 +42,7 @@ from dmipro._imports import guarded
 from dmipro.config import get_settings
 from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
 from dmipro.errors import DecodeError, DmiproError, TaskError
-from dmipro.executor_adapters._remote import Outcome, RemoteExecutor, Shipment, remote_error
+from dmipro.executor_adapters._remote import Outcome, RemoteAdapter, Shipment, remote_error
 
 with guarded(extra="celery", purpose="the Celery executor"):
     from celery import Celery
@@ -53,7 +53,7 @@ __all__ = [
     "OPTIMIZE_TASK",
     "TASK_PREFIX",
     "TRACE_HEADER",
-    "CeleryExecutor",
+    "CeleryAdapter",
     "coordinator_task_id",
     "get_app",
     "make_app",
@@ -175,7 +175,7 @@ def _held_messages(app: Celery, queue: str) -> bytes | None:
     return b"\0".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
 
 
-class CeleryExecutor(RemoteExecutor):
+class CeleryAdapter(RemoteAdapter):
     """Runs tasks on Celery workers consuming ``queue``; results come from the result backend.
 
     ``concurrency`` is the number of worker slots the job may fill (it sizes trial

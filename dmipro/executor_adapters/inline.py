@@ -8,10 +8,10 @@ from typing import Any
 from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.executor_adapters.task_table import execute
 
-__all__ = ["InlineExecutor"]
+__all__ = ["InlineAdapter"]
 
 
-class InlineExecutor(ExecutorAdapter):
+class InlineAdapter(ExecutorAdapter):
     """Runs tasks one at a time in the calling thread. Capacity 1."""
 
     name = "inline"

@@ -36,7 +36,7 @@ from dmipro._imports import guarded
 from dmipro.config import get_settings
 from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
 from dmipro.errors import DecodeError, DmiproError, TaskError
-from dmipro.executor_adapters._remote import Outcome, RemoteExecutor, Shipment, remote_error
+from dmipro.executor_adapters._remote import Outcome, RemoteAdapter, Shipment, remote_error
 
 with guarded(extra="rq", purpose="the RQ executor"):
     from redis import Redis
@@ -55,7 +55,7 @@ __all__ = [
     "TASK_FUNC",
     "WORKER_ALIVE_TTL_S",
     "WORK_TIMEOUT_S",
-    "RQExecutor",
+    "RQAdapter",
     "coordinator_job_id",
     "dead_workers",
     "redis_connection",
@@ -116,7 +116,7 @@ def dead_workers(connection: Redis, names: Iterable[str]) -> set[str]:
     return {name for name, exists in zip(unique, alive, strict=True) if not exists}
 
 
-class RQExecutor(RemoteExecutor):
+class RQAdapter(RemoteAdapter):
     """Runs tasks on RQ workers consuming ``queue``.
 
     ``concurrency`` is the number of worker slots the job may fill (it sizes trial

@@ -8,10 +8,10 @@ from typing import Any
 from dmipro.executor_adapters.base import ExecutorAdapter
 from dmipro.executor_adapters.task_table import execute
 
-__all__ = ["ThreadExecutor"]
+__all__ = ["ThreadAdapter"]
 
 
-class ThreadExecutor(ExecutorAdapter):
+class ThreadAdapter(ExecutorAdapter):
     """Runs tasks on ``concurrency`` threads; each task gets a fresh DSPy context."""
 
     name = "thread"

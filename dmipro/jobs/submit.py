@@ -30,7 +30,7 @@ from dmipro.errors import (
     OptimizationError,
     StorageError,
 )
-from dmipro.executor_adapters import REMOTE_BACKENDS, RemoteExecutor, remote_adapter
+from dmipro.executor_adapters import REMOTE_BACKENDS, RemoteAdapter, remote_adapter
 from dmipro.jobs._load import Job, JobSource, build_program, resolve_job
 from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.runtime import check_plan
@@ -114,7 +114,7 @@ def submit(spec: JobSource, *, executor: str = "celery", job_id: str | None = No
     return JobHandle(record.id, store=store)
 
 
-def _check_broker(adapter: type[RemoteExecutor]) -> None:
+def _check_broker(adapter: type[RemoteAdapter]) -> None:
     try:
         adapter.check_broker()
     except DmiproError:

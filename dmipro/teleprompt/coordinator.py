@@ -138,7 +138,7 @@ class Coordinator:
         return self.store.cancel_requested(self.job_id)
 
     def _watch(self) -> None:
-        """Give a remote executor the job's task deadlines and cancel flag (``RemoteExecutor.watch``)."""
+        """Give a remote executor the job's task deadlines and cancel flag (``RemoteAdapter.watch``)."""
         watch = getattr(self.executor, "watch", None)
         if watch is None:
             return

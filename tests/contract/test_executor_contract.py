@@ -14,7 +14,7 @@ import pytest
 
 from dmipro.api import evaluate
 from dmipro.errors import DecodeError, RefError, TaskError
-from dmipro.executor_adapters import ExecutorAdapter, InlineExecutor, make_executor
+from dmipro.executor_adapters import ExecutorAdapter, InlineAdapter, make_executor
 from dmipro.jobs import JobStore, load_job
 from dmipro.jobs.plan import plan_demo_sets
 from dmipro.teleprompt.mipro import run_job
@@ -131,7 +131,7 @@ def test_bootstrap_builds_the_same_demo_sets_everywhere(executor: ExecutorAdapte
         for p in plans if p.kind != "zeroshot"
     ]
     results = on(executor, "bootstrap_demo_set", payloads)
-    with InlineExecutor() as inline:
+    with InlineAdapter() as inline:
         reference = on(inline, "bootstrap_demo_set", payloads)
     assert without_usage(results) == without_usage(reference)
     assert any(r["demos"]["predict"] for r in results)
@@ -147,7 +147,7 @@ def test_proposals_are_the_same_everywhere(executor: ExecutorAdapter, backend: s
         for i in range(1, 5)
     ]
     results = on(executor, "propose_instruction", payloads)
-    with InlineExecutor() as inline:
+    with InlineAdapter() as inline:
         reference = on(inline, "propose_instruction", payloads)
     assert without_usage(results) == without_usage(reference)
     assert len({r["instruction"] for r in results}) > 1
@@ -160,7 +160,7 @@ def reference_run() -> dict[str, Any]:
     """The small job optimized inline in this process (once per session)."""
     if "small" not in _reference:
         job_id = stored_job("inline")
-        run_job(job_id, executor=InlineExecutor())
+        run_job(job_id, executor=InlineAdapter())
         _reference["small"] = dict(JobStore().get(job_id).result or {})
     return _reference["small"]
 

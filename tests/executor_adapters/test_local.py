@@ -12,8 +12,8 @@ import pytest
 from dmipro.errors import ConfigError, DecodeError, ExecutorError, RefError, TaskError
 from dmipro.executor_adapters import (
     ExecutorAdapter,
-    InlineExecutor,
-    ThreadExecutor,
+    InlineAdapter,
+    ThreadAdapter,
     encode_payload,
     make_executor,
 )
@@ -33,13 +33,13 @@ def executor(request: pytest.FixtureRequest) -> Iterator[ExecutorAdapter]:
 
 def test_make_executor_builds_the_named_adapter() -> None:
     with make_executor("inline") as inline, make_executor("thread", 3) as thread:
-        assert isinstance(inline, InlineExecutor) and inline.capacity == 1 and inline.name == "inline"
-        assert isinstance(thread, ThreadExecutor) and thread.capacity == 3 and thread.name == "thread"
+        assert isinstance(inline, InlineAdapter) and inline.capacity == 1 and inline.name == "inline"
+        assert isinstance(thread, ThreadAdapter) and thread.capacity == 3 and thread.name == "thread"
         assert not inline.remote and not thread.remote
     with pytest.raises(ConfigError, match="unknown executor backend 'dask'"):
         make_executor("dask")
     with pytest.raises(ExecutorError, match="at least 1"):
-        ThreadExecutor(0)
+        ThreadAdapter(0)
 
 
 def test_submit_runs_a_registered_task(executor: ExecutorAdapter) -> None:
@@ -117,14 +117,14 @@ def test_an_unknown_task_fails_in_the_caller(executor: ExecutorAdapter) -> None:
 
 
 def test_inline_runs_in_the_calling_thread() -> None:
-    with InlineExecutor(concurrency=8) as ex:
+    with InlineAdapter(concurrency=8) as ex:
         assert ex.capacity == 1
         assert ex.submit("tests.thread", {}).result()["thread"] == threading.get_ident()
 
 
 def test_thread_runs_tasks_at_once_up_to_its_concurrency() -> None:
     key = uuid.uuid4().hex
-    with ThreadExecutor(4) as ex:
+    with ThreadAdapter(4) as ex:
         # Each task waits until four of them are running together; fewer slots would time out.
         results = list(ex.map("tests.barrier", [{"key": key, "parties": 4}] * 4))
         assert [r for _, r in results] == [{"passed": True}] * 4
@@ -133,7 +133,7 @@ def test_thread_runs_tasks_at_once_up_to_its_concurrency() -> None:
 
 
 def test_thread_close_finishes_running_tasks() -> None:
-    ex = ThreadExecutor(2)
+    ex = ThreadAdapter(2)
     futures = [ex.submit("tests.echo", {"n": i, "sleep": 0.01}) for i in range(2)]
     ex.close()
     assert [f.result(timeout=1)["echo"]["n"] for f in futures] == [0, 1]

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from dmipro.errors import DmiproError
-from dmipro.executor_adapters import InlineExecutor
+from dmipro.executor_adapters import InlineAdapter
 from dmipro.tasks import execute
 from tests.fuzz.strategies import FUZZ, JSON, ODD_STRINGS, mutated
 from tests.fuzz.test_fuzz_job_specs import BASE
@@ -22,7 +22,7 @@ SETTINGS = FUZZ.__class__(
 )
 
 
-class Recording(InlineExecutor):
+class Recording(InlineAdapter):
     """Runs tasks inline and keeps every payload it shipped, by task."""
 
     def __init__(self) -> None:

@@ -174,18 +174,18 @@ def test_the_coordinator_reports_progress_as_task_state(celery_stack: Stack) -> 
 
 @pytest.mark.integration
 def test_the_trace_context_reaches_the_worker(celery_stack: Stack) -> None:
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
-    with CeleryExecutor(2) as ex, tracing.attach(CARRIER):
+    with CeleryAdapter(2) as ex, tracing.attach(CARRIER):
         where = ex.submit("contract.where", {}).result(timeout=30)
     assert TRACE_ID in where["trace"]["traceparent"]
 
 
 @pytest.mark.integration
 def test_closing_the_executor_fails_tasks_still_in_flight(celery_stack: Stack) -> None:
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
-    ex = CeleryExecutor(2)
+    ex = CeleryAdapter(2)
     fut = ex.submit("tests.echo", {"sleep": 3})
     ex.close()
     with pytest.raises(ExecutorError, match="closed before the task finished"):
@@ -194,12 +194,12 @@ def test_closing_the_executor_fails_tasks_still_in_flight(celery_stack: Stack) -
 
 @pytest.mark.integration
 def test_a_job_failing_on_the_worker_is_marked_failed(celery_stack: Stack) -> None:
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
     spec = load_job(small_job()).to_json()
     spec["metric"] = "tests.fixtures.broken:metric"  # written past validation: the module raises on import
     record = JobStore().create(name="broken", spec=spec, executor="celery")
-    CeleryExecutor.enqueue_coordinator(record.id)
+    CeleryAdapter.enqueue_coordinator(record.id)
     report = wait(record.id, timeout=60)
     assert report["state"] == "failed"
     assert "this module cannot be imported" in report["error"]
@@ -272,11 +272,11 @@ def test_wait_times_out_with_a_clear_error(celery_stack: Stack, monkeypatch: pyt
 def test_a_task_the_broker_lost_is_sent_again(celery_stack: Stack) -> None:
     import redis
 
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
     queue = f"dmipro.test-{uuid.uuid4().hex[:6]}"  # no worker consumes it
     client = redis.Redis.from_url(celery_stack.envs["celery"]["DMIPRO_BROKER_URL"])
-    with CeleryExecutor(2, queue=queue) as ex:
+    with CeleryAdapter(2, queue=queue) as ex:
         ex.lost_after_s = 0.5
         fut = ex.submit("tests.echo", {"n": 5})
         wait_for(lambda: client.llen(queue) == 1, 10, "the task to be queued")

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from dmipro.config import reload_settings
-from dmipro.executor_adapters import ThreadExecutor
+from dmipro.executor_adapters import ThreadAdapter
 from dmipro.jobs import JobStore, load_job
 from dmipro.jobs.submit import JobHandle, JobTimeoutError, submit
 from dmipro.teleprompt.mipro import run_job
@@ -282,7 +282,7 @@ def reference() -> dict[str, Any]:
     if not _REFERENCE:
         job = load_job(small_job(num_trials=TRIALS))
         record = JobStore().create(name="reference", spec=job.to_json(), executor="thread")
-        with ThreadExecutor(4) as ex:
+        with ThreadAdapter(4) as ex:
             run_job(record.id, executor=ex)
         _REFERENCE.update(JobStore().get(record.id).result or {})
     return _REFERENCE

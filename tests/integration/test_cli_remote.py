@@ -40,13 +40,13 @@ def test_submit_and_wait_give_the_same_best_program_as_optimize_on_threads(celer
 
 
 def test_a_worker_refuses_refs_outside_its_allowlist(celery_stack: Stack) -> None:
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
     # Written past the submitter's validation, as a job from a more permissive client would be.
     spec = load_job(small_job()).to_json()
     spec["program"] = "this:s"  # the stdlib module that prints on import: not under examples or tests
     record = JobStore().create(name="outside", spec=spec, executor="celery")
-    CeleryExecutor.enqueue_coordinator(record.id)
+    CeleryAdapter.enqueue_coordinator(record.id)
     report = wait(record.id, timeout=60)
     assert report["state"] == "failed"
     assert "module 'this' is not in DMIPRO_ALLOWED_MODULES" in report["error"]

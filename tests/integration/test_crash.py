@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 import pytest
 
-from dmipro.executor_adapters import ThreadExecutor
+from dmipro.executor_adapters import ThreadAdapter
 from dmipro.jobs import JobStore, load_job
 from dmipro.jobs.submit import JobHandle, JobTimeoutError, submit
 from dmipro.teleprompt.mipro import run_job
@@ -35,7 +35,7 @@ def reference() -> dict[str, Any]:
     """The same job without a crash (and without the simulated latency, which changes no answer)."""
     job = load_job(crash_job(0.0))
     record = JobStore().create(name="reference", spec=job.to_json(), executor="thread")
-    with ThreadExecutor(4) as ex:
+    with ThreadAdapter(4) as ex:
         run_job(record.id, executor=ex)
     return dict(JobStore().get(record.id).result or {})
 

@@ -24,7 +24,7 @@ def test_a_batch_is_one_enqueue_many_with_lm_sized_job_options(rq_stack: Stack,
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from dmipro.executor_adapters.rq import RESULT_TTL_S, TASK_FUNC, WORK_TIMEOUT_S, RQExecutor
+    from dmipro.executor_adapters.rq import RESULT_TTL_S, TASK_FUNC, WORK_TIMEOUT_S, RQAdapter
 
     batches: list[list[str]] = []
     original = Queue.enqueue_many
@@ -35,7 +35,7 @@ def test_a_batch_is_one_enqueue_many_with_lm_sized_job_options(rq_stack: Stack,
         return jobs
 
     monkeypatch.setattr(Queue, "enqueue_many", spy)
-    with RQExecutor(4) as ex, tracing.attach(CARRIER):
+    with RQAdapter(4) as ex, tracing.attach(CARRIER):
         results = dict(ex.map("tests.echo", [{"n": i} for i in range(12)]))
     assert [results[i]["echo"]["n"] for i in range(12)] == list(range(12))
     assert sum(len(b) for b in batches) == 12 and len(batches) <= 3  # shipped in bulk, not one by one
@@ -48,17 +48,17 @@ def test_a_batch_is_one_enqueue_many_with_lm_sized_job_options(rq_stack: Stack,
 
 
 def test_the_trace_context_reaches_the_worker(rq_stack: Stack) -> None:
-    from dmipro.executor_adapters.rq import RQExecutor
+    from dmipro.executor_adapters.rq import RQAdapter
 
-    with RQExecutor(2) as ex, tracing.attach(CARRIER):
+    with RQAdapter(2) as ex, tracing.attach(CARRIER):
         where = ex.submit("contract.where", {}).result(timeout=30)
     assert TRACE_ID in where["trace"]["traceparent"]
 
 
 def test_a_failure_carries_the_exception_text(rq_stack: Stack) -> None:
-    from dmipro.executor_adapters.rq import RQExecutor
+    from dmipro.executor_adapters.rq import RQAdapter
 
-    with RQExecutor(2) as ex, pytest.raises(TaskError) as info:
+    with RQAdapter(2) as ex, pytest.raises(TaskError) as info:
         ex.submit("tests.fail", {"n": 7}).result(timeout=30)
     assert str(info.value) == "task tests.fail failed: ValueError: task failed on 7"
     assert info.value.error_type == "ValueError"
@@ -85,12 +85,12 @@ def test_submit_runs_the_coordinator_on_an_rq_worker(rq_stack: Stack) -> None:
 
 
 def test_a_coordinator_failing_on_the_worker_fails_the_job(rq_stack: Stack) -> None:
-    from dmipro.executor_adapters.rq import RQExecutor
+    from dmipro.executor_adapters.rq import RQAdapter
 
     spec = load_job(small_job()).to_json()
     spec["program"] = "tests.fixtures.broken:build"  # written past validation: the module raises on import
     record = JobStore().create(name="broken", spec=spec, executor="rq")
-    RQExecutor.enqueue_coordinator(record.id)
+    RQAdapter.enqueue_coordinator(record.id)
     report = wait(record.id, timeout=60)
     assert report["state"] == "failed"
     assert "this module cannot be imported" in report["error"]

@@ -19,7 +19,7 @@ def test_f01_an_rq_worker_refuses_a_foreign_function_written_into_its_queue(rq_s
     from rq.job import Job, JobStatus
     from rq.serializers import JSONSerializer
 
-    from dmipro.executor_adapters.rq import TASK_FUNC, RQExecutor, redis_connection
+    from dmipro.executor_adapters.rq import TASK_FUNC, RQAdapter, redis_connection
 
     # Without the password the broker answers nothing at all.
     bare = rq_stack.envs["rq"]["DMIPRO_BROKER_URL"].replace(rq_stack.redis_base.split("@")[0] + "@", "redis://")
@@ -52,5 +52,5 @@ def test_f01_an_rq_worker_refuses_a_foreign_function_written_into_its_queue(rq_s
 
     # The workers are still alive and run dmipro's own tasks.
     assert all(w.alive for w in rq_stack.workers["rq"])
-    with RQExecutor(2) as ex:
+    with RQAdapter(2) as ex:
         assert ex.submit("tests.echo", {"n": 2}).result(timeout=30) == {"echo": {"n": 2}}

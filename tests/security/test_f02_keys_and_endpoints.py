@@ -59,12 +59,12 @@ def _point_at(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _hostile_run(lm: dict[str, Any]) -> dict[str, Any]:
     """Write a job row as a tampered client would (no submit-side checks) and send its coordinator."""
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
     spec = load_job(small_job()).to_json()
     spec["lm"] = lm
     record = JobStore().create(name="hostile-lm", spec=spec, executor="celery")
-    CeleryExecutor.enqueue_coordinator(record.id)
+    CeleryAdapter.enqueue_coordinator(record.id)
     return JobHandle(record.id).wait(timeout=120)
 
 

@@ -17,7 +17,7 @@ ABORT = "examples.math_qa.program:dspy.clients.lm.os.abort"
 
 
 def test_f03_a_ref_chain_to_os_abort_is_refused_at_submit_and_on_a_celery_worker(celery_stack: Stack) -> None:
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
     hostile = small_job()
     hostile["optimizer"] = {**hostile["optimizer"], "teacher": ABORT}
@@ -37,7 +37,7 @@ def test_f03_a_ref_chain_to_os_abort_is_refused_at_submit_and_on_a_celery_worker
     spec = load_job(small_job()).to_json()
     spec["optimizer"]["teacher"] = ABORT
     record = store.create(name="hostile-teacher", spec=spec, executor="celery")
-    CeleryExecutor.enqueue_coordinator(record.id)
+    CeleryAdapter.enqueue_coordinator(record.id)
     report = JobHandle(record.id).wait(timeout=120)
     worker = celery_stack.workers["celery"][0]
     assert worker.alive, worker.log_tail()

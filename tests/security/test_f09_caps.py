@@ -40,9 +40,9 @@ def test_f09_oversized_jobs_are_refused_with_the_cap_that_applies(celery_stack: 
     spec = load_job(small_job()).to_json()
     spec["optimizer"]["num_candidates"] = 10**6
     record = JobStore().create(name="oversized", spec=spec, executor="celery")
-    from dmipro.executor_adapters.celery import CeleryExecutor
+    from dmipro.executor_adapters.celery import CeleryAdapter
 
-    CeleryExecutor.enqueue_coordinator(record.id)
+    CeleryAdapter.enqueue_coordinator(record.id)
     report = JobHandle(record.id).wait(timeout=60)
     assert report["state"] == "failed" and "DMIPRO_MAX_CANDIDATES" in report["error"], report
     assert all(w.alive for w in celery_stack.workers["celery"])

@@ -15,14 +15,14 @@ import pytest
 import yaml
 
 import dmipro
-from dmipro.executor_adapters import ThreadExecutor
+from dmipro.executor_adapters import ThreadAdapter
 from dmipro.jobs import JobState, JobStore
 from tests.teleprompt.conftest import small_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class RecordingExecutor(ThreadExecutor):
+class RecordingExecutor(ThreadAdapter):
     """A thread pool that remembers which tasks it was asked to run."""
 
     def __init__(self, concurrency: int) -> None:
