@@ -68,3 +68,29 @@ DEFAULT_RECONCILE_INTERVAL_S = 60.0
 
 DEFAULT_RECONCILE_GRACE_S = 60.0
 """Seconds an unfinished job's row must stay unchanged before the reconciler looks for its message."""
+
+# -- timeouts and TTLs of the transport (one place, so an operator finds them all) -----------
+
+LM_DEADLINE_S = 600.0
+"""How long one LM call may keep retrying transient errors (``lm.retry.deadline_s``)."""
+
+CELERY_RESULT_EXPIRES_S = 7 * 24 * 3600
+"""How long Celery task results stay in the result backend."""
+
+RQ_WORK_TIMEOUT_S = 3600
+"""RQ job timeout of a work task: a chunk of LM calls, with provider retries and back-off."""
+
+RQ_COORDINATOR_TIMEOUT_S = 7 * 24 * 3600
+"""RQ job timeout of a coordinator: a whole optimization."""
+
+RQ_RESULT_TTL_S = 24 * 3600
+"""How long RQ results stay in Redis (the coordinator reads them within moments)."""
+
+RQ_FAILURE_TTL_S = 7 * 24 * 3600
+"""How long failed RQ jobs stay in RQ's failed registry, for inspection."""
+
+RQ_WORKER_ALIVE_TTL_S = 15
+"""Seconds a dmipro RQ worker's key outlives its last heartbeat (it beats every third of that)."""
+
+SHARED_LM_CACHE_TTL_S = 7 * 24 * 3600
+"""How long an entry of the shared LM response cache (``lm.cache: shared``) lives in Redis."""

@@ -40,7 +40,7 @@ from typing import Any
 from dmipro import tracing
 from dmipro._imports import guarded
 from dmipro.config import get_settings
-from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
+from dmipro.defaults import CELERY_RESULT_EXPIRES_S, COORDINATOR_QUEUE, WORK_QUEUE
 from dmipro.errors import DecodeError, DmiproError, TaskError
 from dmipro.executor_adapters._remote import Outcome, RemoteAdapter, Shipment, remote_error
 
@@ -76,8 +76,6 @@ TRACE_HEADER = "dmipro_trace"
 EXCHANGE = "dmipro"
 """The direct exchange both queues are bound to, by their own names as routing keys."""
 
-RESULT_EXPIRES_S = 7 * 24 * 3600
-"""How long task results stay in the result backend."""
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -123,7 +121,7 @@ def _config(broker_url: str, result_backend: str) -> dict[str, Any]:
         "result_backend_max_retries": 30,
         "result_backend_max_sleep_between_retries_ms": 2000,
         "visibility_timeout": vt,
-        "result_expires": RESULT_EXPIRES_S,
+        "result_expires": CELERY_RESULT_EXPIRES_S,
         "task_track_started": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,

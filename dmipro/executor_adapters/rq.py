@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from dmipro import tracing
+from dmipro import defaults, tracing
 from dmipro._imports import guarded
 from dmipro.config import get_settings
 from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
@@ -70,20 +70,15 @@ TASK_FUNC = "dmipro.workers.rq_worker.run_task"
 OPTIMIZE_FUNC = "dmipro.workers.rq_worker.run_optimize"
 """Dotted path of the coordinator job function."""
 
-WORK_TIMEOUT_S = 3600
-"""Job timeout of a work task: a chunk of LM calls, with provider retries and back-off."""
+WORK_TIMEOUT_S = defaults.RQ_WORK_TIMEOUT_S
 
-COORDINATOR_TIMEOUT_S = 7 * 24 * 3600
-"""Job timeout of a coordinator: a whole optimization."""
+COORDINATOR_TIMEOUT_S = defaults.RQ_COORDINATOR_TIMEOUT_S
 
-RESULT_TTL_S = 24 * 3600
-"""How long results stay in Redis (the coordinator reads them within moments)."""
+RESULT_TTL_S = defaults.RQ_RESULT_TTL_S
 
-FAILURE_TTL_S = 7 * 24 * 3600
-"""How long failed jobs stay in RQ's failed registry, for inspection."""
+FAILURE_TTL_S = defaults.RQ_FAILURE_TTL_S
 
-WORKER_ALIVE_TTL_S = 15
-"""Seconds a dmipro RQ worker's key outlives its last heartbeat (it beats every third of that)."""
+WORKER_ALIVE_TTL_S = defaults.RQ_WORKER_ALIVE_TTL_S
 
 MAX_RESENDS = 3
 """How often one task is sent again (dead worker, vanished job) before it fails."""

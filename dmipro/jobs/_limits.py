@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dmipro import defaults
 from dmipro.config import get_settings
 from dmipro.errors import JobSpecError
 
 __all__ = ["DEFAULT_LM_DEADLINE_S", "check_caps", "lm_deadline_s", "task_deadlines"]
 
-DEFAULT_LM_DEADLINE_S = 600.0
-"""An LM call's deadline, retries included, when the job's LM config does not set one."""
+DEFAULT_LM_DEADLINE_S = defaults.LM_DEADLINE_S
 
 
 def lm_deadline_s(cfg: Any) -> float:
