@@ -57,12 +57,14 @@ def new_task_id() -> str:
 
 @dataclass(frozen=True)
 class Shipment:
-    """One task on its way to a broker: its remote id, name, JSON body and trace context."""
+    """One task on its way to a broker: its remote id, name, JSON body, trace context and parent task."""
 
     id: str
     task: str
     body: str
     trace: dict[str, str] = field(default_factory=dict)
+    parent: str | None = None
+    """The broker's id of the task that sent this one (a coordinator), when there is one."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,10 @@ class RemoteAdapter(ExecutorAdapter):
         """The Redis client the fair share between jobs is agreed through; None: no fair share."""
         return None
 
+    def _parent_task(self) -> str | None:
+        """The broker's id of the task shipping now (called on the shipping thread); None: none."""
+        return None
+
     # -- a job's coordinator message: the wire protocol of ``optimize`` --------------
     # A job on workers is one coordinator message on ``dmipro.coordinator``; a worker that
     # takes it runs the job (see :mod:`dmipro.workers.optimize`). Submitting, cancelling,
@@ -255,7 +261,7 @@ class RemoteAdapter(ExecutorAdapter):
 
     def _ship(self, task: str, body: str) -> Future[dict[str, Any]]:
         fut: Future[dict[str, Any]] = Future()
-        shipment = Shipment(new_task_id(), task, body, tracing.inject())
+        shipment = Shipment(new_task_id(), task, body, tracing.inject(), self._parent_task())
         with self._lock:
             if self._closed:
                 raise ExecutorError(f"the {self.name} executor is closed")

@@ -35,6 +35,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from dmipro import tracing
@@ -54,6 +57,7 @@ __all__ = [
     "TASK_PREFIX",
     "TRACE_HEADER",
     "CeleryAdapter",
+    "child_tasks_of",
     "coordinator_task_id",
     "get_app",
     "make_app",
@@ -88,6 +92,25 @@ def task_name(task: str) -> str:
 def coordinator_task_id(job_id: str) -> str:
     """The Celery task id of a job's coordinator (one per job, so status can find it)."""
     return f"optimize-{job_id}"
+
+
+_parent: ContextVar[str | None] = ContextVar("dmipro_celery_parent", default=None)
+
+
+@contextmanager
+def child_tasks_of(task_id: str | None) -> Iterator[None]:
+    """Send the tasks shipped in this context as children of Celery task ``task_id``.
+
+    The coordinator's worker wraps the run in it, so every work task carries the
+    coordinator as its ``parent_id`` and ``root_id``: Flower links a job's tasks to it.
+    Celery would do this itself, but tasks are sent from the adapter's collector thread,
+    where Celery does not know which task is running.
+    """
+    token = _parent.set(task_id)
+    try:
+        yield
+    finally:
+        _parent.reset(token)
 
 
 def _config(broker_url: str, result_backend: str) -> dict[str, Any]:
@@ -205,7 +228,7 @@ class CeleryAdapter(RemoteAdapter):
                     self.app.send_task(
                         task_name(s.task), args=[s.body], task_id=s.id, queue=self.queue, producer=producer,
                         headers={TRACE_HEADER: s.trace} if s.trace else None, argsrepr=_summary(s.body),
-                        **limits,
+                        parent_id=s.parent, root_id=s.parent, **limits,
                     )
                 self._sent_at[s.id] = time.monotonic()
 
@@ -249,6 +272,9 @@ class CeleryAdapter(RemoteAdapter):
             log.warning("%d %s task(s) vanished from the broker before starting (a worker died while "
                         "receiving them); sending them again", len(shipments), self.queue)
             self._send(shipments)
+
+    def _parent_task(self) -> str | None:
+        return _parent.get()
 
     def _fair_client(self) -> Any:
         url = str(self.app.conf.broker_url)

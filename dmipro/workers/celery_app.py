@@ -137,7 +137,7 @@ def _register_optimize(app: Celery) -> None:
             if task_id:
                 self.update_state(task_id=task_id, state="PROGRESS", meta=_jsonable(progress))
 
-        with tracing.attach(_trace_of(self.request)):
+        with tracing.attach(_trace_of(self.request)), protocol.child_tasks_of(task_id):
             try:
                 return run_coordinator(body, backend="celery", on_progress=on_progress)
             except Exception as exc:

@@ -105,4 +105,8 @@ def test_flower_shows_workers_tasks_and_progress(flower: Flower, celery_stack: S
             "dmipro.propose_instruction"} <= names
     assert tasks[optimize_id]["worker"] == name
     assert all(t["state"] == "SUCCESS" for t in tasks.values() if t["name"] == "dmipro.evaluate_chunk")
+    # Every work task of the job links to its coordinator, so Flower shows them as one tree.
+    work = [t for t in tasks.values() if t["name"] != "dmipro.optimize"]
+    assert work and all(t["parent_id"] == t["root_id"] == optimize_id for t in work), \
+        {t["uuid"]: (t["parent_id"], t["root_id"]) for t in work}
     assert f"job_id={handle.job_id}" in tasks[optimize_id]["args"]
