@@ -16,7 +16,7 @@ from dmipro.jobs import JobStore, forget_runtime, new_job_id, register_runtime
 from dmipro.jobs._load import JobSource, resolve_job
 from dmipro.jobs.candidate import Candidate
 from dmipro.jobs.runtime import check_plan, plan_for
-from dmipro.jobs.store import check_job_id
+from dmipro.jobs.store import check_job_id, stored_form
 from dmipro.teleprompt.coordinator import Coordinator, ProgressFn
 from dmipro.teleprompt.result import OptimizationResult
 
@@ -108,7 +108,7 @@ def optimize(
         record = store.find(run_id)
         if record is None:
             store.create(name=spec.name, spec=job.to_json(), executor=spec.executor.backend, job_id=run_id)
-        elif record.spec != job.to_json():
+        elif record.spec != stored_form(job.to_json())[0]:
             raise JobSpecError(
                 f"job {run_id} was started from a different spec; resume it with the same job "
                 "file and data, or start a new job without --job-id"

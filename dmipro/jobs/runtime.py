@@ -268,7 +268,7 @@ def get_runtime(job_id: str) -> JobRuntime:
     if runtime is not None:
         return runtime
 
-    spec = JobSpec.model_validate(JobStore().get(job_id).spec)
+    spec = JobSpec.model_validate(JobStore().job_spec(job_id))
     return register_runtime(job_id, spec, remote=True)
 
 

@@ -1,12 +1,19 @@
-"""The job store: job rows, phase checkpoints and the per-example evaluation cache.
+"""The job store: job rows, their datasets, phase checkpoints and the per-example evaluation cache.
 
 Everything a coordinator needs to resume lives here, in the job database (SQLite by
 default, PostgreSQL across machines). Writes are short transactions; the coordinator
 is the only writer of a job's checkpoints and cache rows, so no row is contended.
+
+Datasets are stored once, by the SHA-256 of their content (``dmipro_datasets``): a job
+row's spec names each split as ``stored:sha256:<digest>``, so a hundred jobs on the
+same data hold it once, and reading a job row (``status``, ``wait``) never reads its
+data. :meth:`JobStore.job_spec` gives the spec with the datasets back in place.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import threading
@@ -25,7 +32,12 @@ from dmipro import defaults
 from dmipro.db import Base, get_engine
 from dmipro.errors import JobNotFoundError, JobSpecError
 
-__all__ = ["JobRecord", "JobState", "JobStore", "check_job_id", "new_job_id"]
+__all__ = ["DATASET_REF", "JobRecord", "JobState", "JobStore", "check_job_id", "new_job_id", "stored_form"]
+
+DATASET_REF = "stored:sha256:"
+"""How a job row's spec names a split stored in ``dmipro_datasets`` (the prefix of its digest)."""
+
+_SPLITS = ("trainset", "valset", "testset")
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +83,14 @@ checkpoints_table = sa.Table(
     sa.Column("data", sa.JSON, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+datasets_table = sa.Table(
+    "dmipro_datasets",
+    Base.metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("records", sa.JSON, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
 eval_cache_table = sa.Table(
     "dmipro_eval_cache",
     Base.metadata,
@@ -84,6 +104,11 @@ eval_cache_table = sa.Table(
 
 _JOB_ID = re.compile(defaults.NAME_PATTERN)
 
+_MAX_CACHED_DATASETS = 8
+"""Datasets a process keeps after reading them (by digest: their content never changes)."""
+_datasets: dict[str, list[Any]] = {}
+_datasets_lock = threading.Lock()
+
 
 def check_job_id(job_id: object) -> str:
     """Return ``job_id`` if it is a valid job id, else raise :class:`JobSpecError`.
@@ -95,6 +120,27 @@ def check_job_id(job_id: object) -> str:
         raise JobSpecError(f"invalid job id {str(job_id)[:80]!r}: use 1-{defaults.MAX_JOB_ID} letters, "
                            "digits, '_', '.' or '-', starting with a letter or digit", field="job_id")
     return job_id
+
+
+def _digest(records: list[Any]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def stored_form(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """``spec`` as a job row holds it (each inline split replaced by its reference), and the splits by digest.
+
+    The digest is the full SHA-256 of the canonical JSON: a dataset is only ever found by
+    its whole content's hash, so one job cannot name another's data without having it.
+    """
+    stored = dict(spec)
+    data: dict[str, list[Any]] = {}
+    for split in _SPLITS:
+        records = spec.get(split)
+        if isinstance(records, list):
+            digest = _digest(records)
+            data[digest] = records
+            stored[split] = DATASET_REF + digest
+    return stored, data
 
 
 def new_job_id(name: str) -> str:
@@ -146,13 +192,14 @@ class JobStore:
         self, *, name: str, spec: dict[str, Any], executor: str, job_id: str | None = None
     ) -> JobRecord:
         now = time.time()
+        stored, datasets = stored_form(spec)
         row = {
             "id": check_job_id(job_id) if job_id is not None else new_job_id(name),
             "name": name,
             "state": JobState.QUEUED.value,
             "phase": None,
             "executor": executor,
-            "spec": spec,
+            "spec": stored,
             "progress": {},
             "result": None,
             "error": None,
@@ -163,9 +210,43 @@ class JobStore:
             "finished_at": None,
             "updated_at": now,
         }
-        with self.engine.begin() as conn:
+        insert: Any = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        with self.engine.begin() as conn:  # the datasets and the row that names them, or neither
+            for digest, records in datasets.items():
+                values = {"digest": digest, "records": records, "rows": len(records), "created_at": now}
+                conn.execute(insert(datasets_table).values(**values).on_conflict_do_nothing())
             conn.execute(jobs_table.insert().values(**row))
         return self.get(str(row["id"]))
+
+    def job_spec(self, job_id: str) -> dict[str, Any]:
+        """The spec job ``job_id`` was created with, its datasets back in place."""
+        return self.hydrate(self.get(job_id).spec)
+
+    def hydrate(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """``spec`` with every stored split (``stored:sha256:...``) replaced by its records."""
+        out = dict(spec)
+        for split in _SPLITS:
+            value = spec.get(split)
+            if isinstance(value, str) and value.startswith(DATASET_REF):
+                out[split] = self._dataset(value.removeprefix(DATASET_REF))
+        return out
+
+    def _dataset(self, digest: str) -> list[Any]:
+        with _datasets_lock:
+            cached = _datasets.get(digest)
+        if cached is not None:
+            return cached
+        with self.engine.connect() as conn:
+            records = conn.execute(
+                sa.select(datasets_table.c.records).where(datasets_table.c.digest == digest)
+            ).scalar_one_or_none()
+        if not isinstance(records, list):
+            raise JobSpecError(f"the job's dataset {digest[:12]}... is not in the job database")
+        with _datasets_lock:
+            _datasets[digest] = records
+            while len(_datasets) > _MAX_CACHED_DATASETS:
+                _datasets.pop(next(iter(_datasets)))
+        return records
 
     def find(self, job_id: str) -> JobRecord | None:
         with self.engine.connect() as conn:

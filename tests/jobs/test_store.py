@@ -7,8 +7,9 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from dmipro.errors import JobNotFoundError
+from dmipro.errors import JobNotFoundError, JobSpecError
 from dmipro.jobs import JobState, JobStore, new_job_id
+from dmipro.jobs.store import DATASET_REF, datasets_table
 
 SPEC = {"name": "math_qa", "program": "examples.math_qa.program:build", "trainset": [{"question": "q"}]}
 
@@ -22,7 +23,7 @@ def test_create_and_get(store: JobStore) -> None:
     record = store.create(name="math_qa", spec=SPEC, executor="thread")
     assert record.id.startswith("math_qa-") and len(record.id) == len("math_qa-") + 12
     assert record.state is JobState.QUEUED and not record.state.finished
-    assert record.spec == SPEC and record.progress == {} and record.result is None
+    assert store.job_spec(record.id) == SPEC and record.progress == {} and record.result is None
     assert record.attempts == 0 and not record.cancel_requested
     assert record.started_at is None and record.finished_at is None
     assert store.get(record.id) == record
@@ -155,3 +156,33 @@ def test_unknown_jobs_raise_job_not_found(store: JobStore, call: object) -> None
     with pytest.raises(JobNotFoundError, match="'nope'"):
         call(store)  # type: ignore[operator]
     assert store.find("nope") is None
+
+
+def test_a_dataset_is_stored_once_by_digest_and_the_row_names_it(store: JobStore) -> None:
+    records = [{"question": f"q{i}", "answer": str(i)} for i in range(50)]
+    spec = {**SPEC, "trainset": records, "valset": records[:10]}
+    a = store.create(name="math_qa", spec=spec, executor="thread")
+    b = store.create(name="math_qa", spec=spec, executor="thread")
+    # The rows hold references, not the data; both jobs name the same stored dataset.
+    assert a.spec["trainset"] == b.spec["trainset"]
+    assert a.spec["trainset"].startswith(DATASET_REF) and len(a.spec["trainset"]) == len(DATASET_REF) + 64
+    assert "q49" not in json.dumps(a.to_json(with_spec=True))
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(datasets_table.c.digest, datasets_table.c.rows)).all()
+    assert sorted(n for _, n in rows) == [10, 50]
+    assert store.job_spec(a.id) == store.job_spec(b.id) == spec
+
+
+def test_a_job_naming_a_missing_dataset_says_so(store: JobStore) -> None:
+    record = store.create(name="x", spec={"name": "x", "trainset": DATASET_REF + "0" * 64}, executor="inline")
+    with pytest.raises(JobSpecError, match="not in the job database"):
+        store.job_spec(record.id)
+
+
+def test_datasets_are_stored_once_on_postgresql_too(postgres_url: str) -> None:
+    store = JobStore(postgres_url)
+    spec = {**SPEC, "trainset": [{"question": "q", "answer": "a"}] * 3}
+    ids = [store.create(name="math_qa", spec=spec, executor="celery").id for _ in range(2)]
+    assert [store.job_spec(i) for i in ids] == [spec, spec]
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(datasets_table)).scalar() == 1
