@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dmipro import observability, tracing
-from dmipro.config import Settings
+from dmipro.config import Settings, reload_settings
 from dmipro.errors import ConfigError
 from dmipro.events import Event, bus
 from dmipro.lm import callbacks
@@ -185,6 +185,7 @@ def test_no_secret_leaves_the_process(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("MY_SERVICE_TOKEN", TOKEN)
     monkeypatch.setenv("DMIPRO_OTEL_EXPORT_FILE", str(tmp_path / "spans.jsonl"))
+    reload_settings()
     spec = tiny_spec()
     rows = spec["valset"]
     rows[0] = {**rows[0], "question": f"{rows[0]['question']} (my key is {SECRET}, token {TOKEN})"}
