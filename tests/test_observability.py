@@ -126,6 +126,7 @@ def test_modules_import_without_the_optional_libraries() -> None:
         sys.meta_path.insert(0, Block())
         import dmipro.observability as obs
         import dmipro.subscribers.langfuse, dmipro.subscribers.newrelic, dmipro.subscribers.otel
+        import dmipro.subscribers._otel_sdk, dmipro.subscribers.langfuse_prompts
         import dmipro.lm.callbacks
         from dmipro.config import Settings
         assert obs.setup(Settings()) == ()
@@ -273,8 +274,9 @@ def test_setup_worker_instruments_celery() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["dmipro.observability", "dmipro.subscribers.otel", "dmipro.subscribers.langfuse",
-     "dmipro.subscribers.newrelic", "dmipro.lm.callbacks"],
+    ["dmipro.observability", "dmipro.subscribers.otel", "dmipro.subscribers._otel_sdk",
+     "dmipro.subscribers.langfuse", "dmipro.subscribers.langfuse_prompts", "dmipro.subscribers.newrelic",
+     "dmipro.lm.callbacks"],
 )
 def test_each_module_exports_exactly_its_public_members(module: str) -> None:
     import importlib
