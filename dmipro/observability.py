@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from dmipro.config import Settings, get_settings
 from dmipro.errors import ConfigError
 from dmipro.subscribers import KNOWN_SUBSCRIBERS
+from dmipro.subscribers._otel_sdk import read_span_file
 
 __all__ = [
     "KNOWN_SUBSCRIBERS",
@@ -75,6 +76,8 @@ def _names(settings: Settings) -> tuple[str, ...]:
 
 def _enable(name: str, settings: Settings, span_exporters: Sequence[Any],
             metric_readers: Sequence[Any]) -> Any:
+    # why: a backend loads only when switched on (otel and newrelic bring DSPy's callbacks, langfuse
+    # the registry), so the executors that import this module pay nothing for subscribers they lack.
     if name == "otel":
         from dmipro.subscribers import otel
 
@@ -87,10 +90,10 @@ def _enable(name: str, settings: Settings, span_exporters: Sequence[Any],
             raise
         return handle
     if name == "langfuse":
-        from dmipro.subscribers import langfuse
+        from dmipro.subscribers import langfuse  # why: see above
 
         return langfuse.enable(capture_text=settings.capture_text)
-    from dmipro.subscribers import newrelic
+    from dmipro.subscribers import newrelic  # why: see above
 
     return newrelic.enable()
 
@@ -169,14 +172,7 @@ def shutdown() -> None:
 
 def background_task(name: str, group: str = "dmipro") -> AbstractContextManager[None]:
     """A New Relic background transaction around a unit of work; a no-op when the agent is off."""
+    # why: the New Relic subscriber module brings DSPy's callbacks; loaded at the first task, not at import
     from dmipro.subscribers.newrelic import background_task as nr_background_task
 
     return nr_background_task(name, group)
-
-
-def read_span_file(path: str) -> list[dict[str, Any]]:
-    """The spans written through ``DMIPRO_OTEL_EXPORT_FILE``, one dict per span."""
-    from dmipro.subscribers.otel import read_span_file as read
-
-    return read(path)
-

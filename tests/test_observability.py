@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dmipro import observability, tracing
-from dmipro.config import Settings
+from dmipro.config import Settings, reload_settings
 from dmipro.errors import ConfigError
 from dmipro.events import Event, bus
 from dmipro.lm import callbacks
@@ -126,6 +126,7 @@ def test_modules_import_without_the_optional_libraries() -> None:
         sys.meta_path.insert(0, Block())
         import dmipro.observability as obs
         import dmipro.subscribers.langfuse, dmipro.subscribers.newrelic, dmipro.subscribers.otel
+        import dmipro.subscribers._otel_sdk, dmipro.subscribers.langfuse_prompts
         import dmipro.lm.callbacks
         from dmipro.config import Settings
         assert obs.setup(Settings()) == ()
@@ -185,6 +186,7 @@ def test_no_secret_leaves_the_process(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("MY_SERVICE_TOKEN", TOKEN)
     monkeypatch.setenv("DMIPRO_OTEL_EXPORT_FILE", str(tmp_path / "spans.jsonl"))
+    reload_settings()
     spec = tiny_spec()
     rows = spec["valset"]
     rows[0] = {**rows[0], "question": f"{rows[0]['question']} (my key is {SECRET}, token {TOKEN})"}
@@ -272,8 +274,9 @@ def test_setup_worker_instruments_celery() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["dmipro.observability", "dmipro.subscribers.otel", "dmipro.subscribers.langfuse",
-     "dmipro.subscribers.newrelic", "dmipro.lm.callbacks"],
+    ["dmipro.observability", "dmipro.subscribers.otel", "dmipro.subscribers._otel_sdk",
+     "dmipro.subscribers.langfuse", "dmipro.subscribers.langfuse_prompts", "dmipro.subscribers.newrelic",
+     "dmipro.lm.callbacks"],
 )
 def test_each_module_exports_exactly_its_public_members(module: str) -> None:
     import importlib

@@ -22,15 +22,12 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dmipro.errors import ConfigError
-
 __all__ = [
     "EXTRAS",
     "KNOWN_SUBSCRIBERS",
     "REDACTED",
     "flat_attributes",
     "is_secret_key",
-    "missing_extra",
     "scrub",
     "scrub_text",
     "secret_values",
@@ -134,11 +131,3 @@ def _flatten(value: Any, key: str, out: dict[str, Any], max_text: int) -> None:
     else:
         out[key] = json.dumps(value, default=str, separators=(",", ":"))[:max_text]
 
-
-def missing_extra(name: str, exc: ImportError) -> ConfigError:
-    """The error for a subscriber whose library is not installed."""
-    extra = EXTRAS.get(name, name)
-    return ConfigError(
-        f"subscriber {name!r} needs the {extra} extra ({exc.name or exc}); install it with "
-        f"pip install 'dmipro[{extra}]'"
-    )

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from dmipro import defaults
+from dmipro.config import get_settings
 
 __all__ = ["QUEUES", "queue_depths"]
 
@@ -26,8 +27,6 @@ _warned: set[str] = set()
 
 
 def _broker_url() -> str | None:
-    from dmipro.config import get_settings
-
     url = get_settings().broker_url
     explicit = "DMIPRO_BROKER_URL" in os.environ or url != defaults.DEFAULT_BROKER_URL
     return url if explicit and url.startswith(("redis://", "rediss://", "unix://")) else None
@@ -39,7 +38,7 @@ def queue_depths(url: str | None = None) -> list[tuple[dict[str, str], int]]:
     if url is None:
         return []
     try:
-        import redis
+        import redis  # why: an optional extra (celery, rq); without it there is no queue to read
     except ImportError:
         return []
     try:

@@ -13,11 +13,11 @@ set (``LANGFUSE_BASE_URL`` picks the server); without them it is off, silently.
   or the run.
 - **Scores.** Each trial's score on its observation; ``baseline_score``, ``best_score``
   and ``improvement`` (with a comment comparing them) on the trace.
-- **Prompts.** Each registered version becomes a Langfuse chat prompt version — system
-  message = instructions, then the demos as user/assistant turns, the registry data in
-  ``config`` — labelled ``v<version>``. One prompt per predictor, named after the
-  registered name (``name/predictor`` when the program has several). Deploy and
-  rollback move the ``production`` label. These REST calls run on a background thread.
+- **A/B.** Outcomes, decisions, regressions and offline comparisons as scores tagged
+  with experiment and arm.
+- **Prompts.** Each registered version becomes a Langfuse chat prompt version, and
+  deploy and rollback move the ``production`` label: :mod:`dmipro.subscribers.langfuse_prompts`,
+  fed by this subscriber's registry events.
 
 Langfuse gets a tracer provider of its own, so the application's OpenTelemetry spans
 are not sent to Langfuse and Langfuse's are not sent elsewhere. Everything sent passes
@@ -30,16 +30,16 @@ import contextvars
 import hashlib
 import logging
 import os
-import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dmipro._imports import guarded
 from dmipro.events import Event, Subscriber, bus
 from dmipro.lm import callbacks
 from dmipro.lm.callbacks import LMCall, LMCallListener
-from dmipro.subscribers import missing_extra, scrub
+from dmipro.subscribers import scrub
+from dmipro.subscribers.langfuse_prompts import PRODUCTION, PromptSync, prompt_names
 
 __all__ = [
     "PRODUCTION",
@@ -52,9 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PRODUCTION = "production"
-"""The Langfuse label of the deployed version."""
 
 _next_span_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "dmipro_langfuse_span_id", default=None
@@ -71,13 +68,6 @@ def observation_id(job_id: str, *parts: object) -> str:
     seed = ":".join([job_id, *(str(p) for p in parts)] if parts else [job_id, "run"])
     digest = hashlib.sha256(seed.encode("utf-8")).digest()[:8]
     return (digest if any(digest) else b"\x00" * 7 + b"\x01").hex()
-
-
-def prompt_names(name: str, predictors: list[str]) -> dict[str, str]:
-    """Langfuse prompt name per predictor of registered program ``name``."""
-    if len(predictors) == 1:
-        return {predictors[0]: name}
-    return {p: f"{name}/{p}" for p in predictors}
 
 
 def _id_generator() -> Any:
@@ -101,39 +91,6 @@ class _Run:
     trials: dict[int, Any] = field(default_factory=dict)
 
 
-class _Outbox:
-    """A background thread running REST calls in order, so event handlers never wait on the network."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Callable[[], object] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="dmipro-langfuse", daemon=True)
-        self._thread.start()
-
-    def put(self, fn: Callable[[], object]) -> None:
-        self._queue.put(fn)
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        done = threading.Event()
-        self._queue.put(done.set)
-        return done.wait(timeout)
-
-    def close(self, timeout: float = 30.0) -> None:
-        self.flush(timeout)
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while True:
-            fn = self._queue.get()
-            if fn is None:
-                return
-            try:
-                fn()
-            except Exception as exc:
-                log.warning("Langfuse request failed (%s); the run goes on",
-                            scrub(f"{type(exc).__name__}: {exc}"))
-
-
 class LangfuseSubscriber(Subscriber, LMCallListener):
     """Builds the run's Langfuse trace from dmipro events and LM calls; see the module docstring.
 
@@ -151,8 +108,7 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
         self._lock = threading.RLock()
         self._runs: dict[str, _Run] = {}
         self._compared: set[str] = set()
-        self._prompt_versions: dict[tuple[str, int], int] = {}
-        self._outbox = _Outbox()
+        self.prompts = PromptSync(client)
         self._closed = False
 
     # -- observations ------------------------------------------------------------------
@@ -208,8 +164,13 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
     # -- events --------------------------------------------------------------------------
     def on_event(self, event: Event) -> None:
         name, data, job = event.name, dict(event.data), event.job_id
+        if name == "dspy.signature.optimized":
+            if job is not None:
+                with self._lock:
+                    self._compare(job, data.get("baseline_score"), data.get("best_score"))
+            return
         if name.startswith("dspy.registry.") or name.startswith("dspy.signature."):
-            self._registry_event(event)
+            self.prompts.on_event(event)
             return
         if name.startswith("dspy.ab.") or name.startswith("dspy.langfuse."):
             self._ab_event(event)
@@ -408,84 +369,10 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
         if event.name != "dspy.ab.outcome":  # outcomes are many: the SDK batches them; the rest go now
             threading.Thread(target=self._flush_quietly, name="dmipro-langfuse-flush", daemon=True).start()
 
-    # -- registry -----------------------------------------------------------------------
-    def _registry_event(self, event: Event) -> None:
-        data = dict(event.data)
-        if event.name == "dspy.registry.register":
-            name, version = str(data["name"]), int(data["version"])
-            self._outbox.put(lambda: self._push_prompt(name, version, data, event.job_id))
-        elif event.name == "dspy.signature.deployed":
-            name, version = str(data["name"]), int(data["version"])
-            self._outbox.put(lambda: self._label_production(name, version))
-        elif event.name == "dspy.signature.optimized" and event.job_id is not None:
-            with self._lock:
-                self._compare(event.job_id, data.get("baseline_score"), data.get("best_score"))
-
-    def _record(self, name: str, version: int) -> Any:
-        from dmipro.registry import format_spec, get
-
-        return get(format_spec(name, version))
-
-    def _push_prompt(self, name: str, version: int, data: dict[str, Any],
-                     job_id: str | None) -> dict[str, int]:
-        """Create the Langfuse prompt versions of ``name@version``; returns Langfuse version per prompt."""
-        from dmipro.storage.record import state_predictors
-
-        record = self._record(name, version)
-        predictors = state_predictors(record.program)
-        names = prompt_names(name, list(predictors))
-        pushed: dict[str, int] = {}
-        for predictor, state in predictors.items():
-            fields = record.metadata.signatures.get(predictor)
-            inputs = list(fields.inputs) if fields else []
-            outputs = list(fields.outputs) if fields else []
-            messages = _chat_messages(state, inputs, outputs)
-            config = scrub({
-                "dmipro": {
-                    "name": name, "version": version, "predictor": predictor, "job_id": job_id,
-                    "program_id": data.get("program_id"), "best_score": data.get("best_score"),
-                    "baseline_score": data.get("baseline_score"), "program_ref": data.get("program_ref"),
-                    "inputs": inputs, "outputs": outputs, "demos": len(state.get("demos") or []),
-                }
-            })
-            prompt = self.client.create_prompt(
-                name=names[predictor], prompt=scrub(messages), type="chat", labels=[f"v{version}"],
-                tags=["dmipro"], config=config,
-                commit_message=f"{name}@{version}" + (f" from job {job_id}" if job_id else ""))
-            pushed[names[predictor]] = int(prompt.version)
-            with self._lock:
-                self._prompt_versions[(names[predictor], version)] = int(prompt.version)
-        return pushed
-
-    def _label_production(self, name: str, version: int) -> None:
-        from dmipro.storage.record import state_predictors
-
-        record = self._record(name, version)
-        for prompt_name in prompt_names(name, list(state_predictors(record.program))).values():
-            with self._lock:
-                lf_version = self._prompt_versions.get((prompt_name, version))
-            if lf_version is None:
-                lf_version = self._find_version(prompt_name, version)
-            if lf_version is None:
-                lf_version = self._push_prompt(name, version, {}, record.metadata.job_id)[prompt_name]
-            self.client.update_prompt(name=prompt_name, version=lf_version,
-                                      new_labels=[PRODUCTION, f"v{version}"])
-
-    def _find_version(self, prompt_name: str, version: int) -> int | None:
-        try:
-            prompt = self.client.get_prompt(prompt_name, label=f"v{version}", type="chat",
-                                            cache_ttl_seconds=0, max_retries=0)
-        except Exception:
-            return None
-        found = int(prompt.version)
-        with self._lock:
-            self._prompt_versions[(prompt_name, version)] = found
-        return found
-
     # -- lifetime -----------------------------------------------------------------------
     def flush(self, timeout: float = 30.0) -> None:
         """Send everything queued: prompt changes, observations, scores."""
-        self._outbox.flush(timeout)
+        self.prompts.flush(timeout)
         self._flush_quietly()
 
     def close(self) -> None:
@@ -498,7 +385,7 @@ class LangfuseSubscriber(Subscriber, LMCallListener):
             self._runs.clear()
         for run in runs:
             self._end_all(run)
-        self._outbox.close()
+        self.prompts.close()
         try:
             self.client.shutdown()
         except Exception as exc:
@@ -515,20 +402,6 @@ def _forget_resources(public_key: str | None) -> None:
             LangfuseResourceManager._instances.pop(public_key or "", None)
     except Exception:
         log.debug("could not reset the Langfuse client registry", exc_info=True)
-
-
-def _chat_messages(state: dict[str, Any], inputs: list[str], outputs: list[str]) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": str(state.get("signature", {}).get("instructions") or "")}]
-    for demo in state.get("demos") or []:
-        ins = inputs or [k for k in demo if k not in outputs and k != "augmented"]
-        outs = outputs or [k for k in demo if k not in ins and k != "augmented"]
-        user = "\n".join(f"{k}: {demo[k]}" for k in ins if k in demo)
-        assistant = "\n".join(f"{k}: {demo[k]}" for k in outs if k in demo)
-        if user:
-            messages.append({"role": "user", "content": user})
-        if assistant:
-            messages.append({"role": "assistant", "content": assistant})
-    return messages
 
 
 class LangfuseHandle:
@@ -553,11 +426,9 @@ def enable(*, capture_text: bool = False) -> LangfuseHandle | None:
     """Switch Langfuse on when its keys are set; None (and no warning) when they are not."""
     if not (os.environ.get("LANGFUSE_PUBLIC_KEY") and os.environ.get("LANGFUSE_SECRET_KEY")):
         return None
-    try:
+    with guarded(extra="langfuse", purpose="subscriber 'langfuse'"):
         from langfuse import Langfuse
         from opentelemetry.sdk.trace import TracerProvider
-    except ImportError as exc:
-        raise missing_extra("langfuse", exc) from exc
     client = Langfuse(tracer_provider=TracerProvider(id_generator=_id_generator()),
                       should_export_span=lambda span: True, mask=_mask)
     subscriber = LangfuseSubscriber(client, capture_text=capture_text,

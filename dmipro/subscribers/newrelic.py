@@ -36,11 +36,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dmipro._imports import guarded
 from dmipro.errors import ConfigError
 from dmipro.events import Event, Subscriber, bus
 from dmipro.lm import callbacks
 from dmipro.lm.callbacks import LMCall, LMCallListener
-from dmipro.subscribers import missing_extra, scrub
+from dmipro.subscribers import scrub
 
 __all__ = [
     "EVENT_TYPES",
@@ -222,11 +223,9 @@ class NewRelicHandle:
 
 def enable() -> NewRelicHandle:
     """Record runs into New Relic, initializing the agent from its environment if needed."""
-    try:
+    with guarded(extra="newrelic", purpose="subscriber 'newrelic'"):
         import newrelic.agent as nr
         import newrelic.config
-    except ImportError as exc:
-        raise missing_extra("newrelic", exc) from exc
     if not getattr(newrelic.config, "_configuration_done", False) and not agent_active():
         configured = any(os.environ.get(v) for v in ("NEW_RELIC_LICENSE_KEY", "NEW_RELIC_CONFIG_FILE")) or \
             os.environ.get("NEW_RELIC_DEVELOPER_MODE", "").lower() in ("1", "true", "on", "yes")

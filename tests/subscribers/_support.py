@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 
 from dmipro import observability
+from dmipro.config import reload_settings
 from dmipro.events import Event, bus
 from tests.fixtures.jobs import math_job, records
 
@@ -24,6 +25,7 @@ def quiet_otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     monkeypatch.delenv("DMIPRO_OTEL_EXPORT_FILE", raising=False)
+    reload_settings()  # the export file is a setting, read once
     for var in ("LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY", "LANGFUSE_BASE_URL", "LANGFUSE_HOST"):
         monkeypatch.delenv(var, raising=False)
     yield

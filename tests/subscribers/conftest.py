@@ -20,8 +20,8 @@ def owned_provider() -> None:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
-    from dmipro.subscribers import otel
+    from dmipro.subscribers import _otel_sdk
 
     current = trace.get_tracer_provider()
-    if isinstance(current, TracerProvider) and current not in otel._owned_providers:
+    if isinstance(current, TracerProvider) and current not in _otel_sdk._owned_providers:
         pytest.skip("the global tracer provider was set by another test, so OTEL_* export is its own")

@@ -13,12 +13,12 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dmipro import observability, tracing
-from dmipro.config import Settings
+from dmipro.config import Settings, reload_settings
 from dmipro.errors import ConfigError
 from dmipro.events import Event, bus
 from dmipro.lm._sim import AsyncSimEngine, SimEngine, sim_lm
 from dmipro.lm.usage import metered
-from dmipro.subscribers import otel
+from dmipro.subscribers import _otel_sdk
 from tests.subscribers._support import FakeLangfuse, run_tiny, tiny_spec
 
 OTEL = Settings(subscribers=("otel",))
@@ -190,6 +190,7 @@ def test_prompt_and_output_text_only_with_capture_text() -> None:
 def test_json_lines_file_for_spans_from_other_processes(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DMIPRO_OTEL_EXPORT_FILE", str(tmp_path / "spans-{pid}.jsonl"))
+    reload_settings()
     observability.setup_worker(OTEL)
     with tracing.span("dmipro.task.evaluate_chunk", job_id="job-1"), dspy.context(lm=sim_lm()):
         dspy.Predict("question -> answer")(question="What is 2 + 3?")
@@ -222,9 +223,9 @@ def test_otlp_export_follows_the_standard_environment(monkeypatch: pytest.Monkey
 
 def test_service_name_defaults_to_dmipro(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
-    assert otel._resource().attributes["service.name"] == "dmipro"
+    assert _otel_sdk._resource().attributes["service.name"] == "dmipro"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "math-qa-workers")
-    assert otel._resource().attributes["service.name"] == "math-qa-workers"
+    assert _otel_sdk._resource().attributes["service.name"] == "math-qa-workers"
 
 
 @pytest.mark.usefixtures("owned_provider")
