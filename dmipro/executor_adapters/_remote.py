@@ -28,6 +28,7 @@ for a stuck task.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -50,9 +51,13 @@ log = logging.getLogger(__name__)
 
 
 
-def new_task_id() -> str:
-    """A fresh remote task id (letters, digits and dashes: valid for Celery and RQ)."""
-    return str(uuid.uuid4())
+def new_task_id(job_id: str | None = None, task: str | None = None) -> str:
+    """A fresh remote task id: ``<job>-<task>-<uuid>`` when the job is known, so Flower's task list and
+    RQ's registries show which job a task belongs to (letters, digits, ``_`` and ``-``: valid for both)."""
+    unique = uuid.uuid4().hex
+    if not job_id or not task:
+        return unique
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{job_id}-{task}") + "-" + unique
 
 
 @dataclass(frozen=True)
@@ -159,14 +164,18 @@ class RemoteAdapter(ExecutorAdapter):
         self._next_cancel_check = 0.0
         self._cancel_seen: float | None = None
         self._started: dict[str, float] = {}
+        self.job_id: str | None = None
+        """The job whose tasks this adapter ships (set by :meth:`watch`), named in each task id."""
 
     def watch(self, *, deadlines: dict[str, float] | None = None,
-              cancelled: Callable[[], bool] | None = None) -> None:
-        """Give tasks ``deadlines`` and stop everything in flight once ``cancelled()`` says so."""
+              cancelled: Callable[[], bool] | None = None, job_id: str | None = None) -> None:
+        """Give tasks ``deadlines``, stop everything in flight once ``cancelled()`` says so, and name
+        the tasks after ``job_id``."""
         with self._lock:
             if deadlines is not None:
                 self.deadlines = dict(deadlines)
             self._cancelled = cancelled
+            self.job_id = job_id
         self._wake.set()
 
     def deadline_for(self, task: str) -> float | None:
@@ -261,7 +270,7 @@ class RemoteAdapter(ExecutorAdapter):
 
     def _ship(self, task: str, body: str) -> Future[dict[str, Any]]:
         fut: Future[dict[str, Any]] = Future()
-        shipment = Shipment(new_task_id(), task, body, tracing.inject(), self._parent_task())
+        shipment = Shipment(new_task_id(self.job_id, task), task, body, tracing.inject(), self._parent_task())
         with self._lock:
             if self._closed:
                 raise ExecutorError(f"the {self.name} executor is closed")

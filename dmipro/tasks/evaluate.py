@@ -44,7 +44,9 @@ def score_example(runtime: Any, program: Any, example: Any, failure_score: float
 def evaluate_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     """Payload: ``job``, ``split``, ``example_ids`` (indices), ``candidate`` (or null), ``failure_score``.
 
-    Returns ``{"results": [{"id", "score", "error", "lm_error"}], "usage": {...}, "faults": {...}}``.
+    Returns ``{"errored", "failed", "results": [{"id", "score", "error", "lm_error"}], "usage": {...},
+    "faults": {...}}``: ``errored`` counts the examples whose LM call failed, ``failed`` those the
+    program or the metric failed on, first, so Flower's result column shows them.
     An example whose LM call still failed after retrying is ``lm_error: true`` with no
     score: the caller evaluates it again later. A permanent LM error (bad key, no quota)
     fails the task, and so the job.
@@ -67,4 +69,7 @@ def evaluate_chunk(payload: dict[str, Any]) -> dict[str, Any]:
                                 "lm_error": True})
                 continue
             results.append({"id": idx, "score": score, "error": error})
-    return {"results": results, "usage": meter.usage.to_json(), "faults": meter.faults.to_json()}
+    errored = sum(1 for r in results if r.get("lm_error"))
+    failed = sum(1 for r in results if r["error"] and not r.get("lm_error"))
+    return {"errored": errored, "failed": failed, "results": results, "usage": meter.usage.to_json(),
+            "faults": meter.faults.to_json()}

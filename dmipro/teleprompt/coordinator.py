@@ -146,7 +146,7 @@ class Coordinator:
         program = self.runtime.fresh_program()
         watch(deadlines=task_deadlines(self.runtime.spec, predictors=len(program.named_predictors()),
                                        train_size=len(self.runtime.examples.get("train", []))),
-              cancelled=self.cancelled)
+              cancelled=self.cancelled, job_id=self.job_id)
 
     # -- the run -------------------------------------------------------------------
     def run(self) -> OptimizationResult:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -57,9 +58,16 @@ with guarded(extra="celery", purpose="the Celery worker"):
 
 import dmipro.tasks  # noqa: E402,F401  (registers dmipro's task bodies in the task table)
 
-__all__ = ["get_app", "make_app"]
+__all__ = ["FLOWER_TASK_COLUMNS", "get_app", "make_app"]
 
 log = logging.getLogger(__name__)
+
+FLOWER_TASK_COLUMNS = "name,uuid,state,args,result,received,runtime,worker,exception"
+"""Flower's task-list columns: the id and ``args`` name each task's job (and trial), ``result`` shows
+an evaluation's errored and failed examples first. ``dmipro flower`` passes them; under
+``celery -A dmipro.workers.celery_app flower`` the default below applies (``FLOWER_TASKS_COLUMNS``
+is Flower's own setting, read after the app is loaded; a value already set wins)."""
+os.environ.setdefault("FLOWER_TASKS_COLUMNS", FLOWER_TASK_COLUMNS)
 
 
 def make_app(broker_url: str | None = None, result_backend: str | None = None) -> Celery:

@@ -209,7 +209,7 @@ def flower_cmd(
     import ipaddress
     import os
 
-    from dmipro.workers.celery_app import get_app
+    from dmipro.workers.celery_app import FLOWER_TASK_COLUMNS, get_app
 
     if basic_auth is not None:
         raise ConfigError("--basic-auth puts the password on the command line (visible in ps); "
@@ -223,5 +223,5 @@ def flower_cmd(
         raise ConfigError(f"refusing to serve Flower on {address} without auth: it would show every task's "
                           "arguments and results to anyone who reaches it; export "
                           "FLOWER_BASIC_AUTH=user:password or bind 127.0.0.1")
-    argv = ["flower", f"--port={port}", f"--address={address}"]
+    argv = ["flower", f"--port={port}", f"--address={address}", f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
     get_app().start(argv)

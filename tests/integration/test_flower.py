@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dmipro.api import evaluate
+from dmipro.errors import DmiproError
 from dmipro.jobs.submit import submit
+from dmipro.workers.celery_app import FLOWER_TASK_COLUMNS
 from tests.conftest import free_port
 from tests.contract.workers import REPO, Stack, wait_for
 from tests.integration.conftest import small_job
@@ -38,14 +44,22 @@ class Flower:
             return False
 
 
-@pytest.fixture
-def flower(celery_stack: Stack, tmp_path: Path) -> Iterator[Flower]:
+FLOWER_COMMANDS = {
+    "celery": ["-m", "celery", "-A", "dmipro.workers.celery_app", "flower", "--address=127.0.0.1"],
+    "dmipro": ["-m", "dmipro.cli", "flower", "--address", "127.0.0.1"],
+}
+"""Flower started the two ways an operator would: Celery's own command, and ``dmipro flower``."""
+
+
+@contextmanager
+def running_flower(stack: Stack, tmp_path: Path, how: str) -> Iterator[Flower]:
     port = free_port()
-    env = dict(celery_stack.envs["celery"], FLOWER_UNAUTHENTICATED_API="true")
+    env = dict(stack.envs["celery"], FLOWER_UNAUTHENTICATED_API="true")
+    env.pop("FLOWER_TASKS_COLUMNS", None)
     log = (tmp_path / "flower.log").open("wb")
+    port_arg = [f"--port={port}"] if how == "celery" else ["--port", str(port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "dmipro.workers.celery_app", "flower", f"--port={port}",
-         "--address=127.0.0.1"],
+        [sys.executable, *FLOWER_COMMANDS[how], *port_arg],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     log.close()
@@ -65,6 +79,51 @@ def flower(celery_stack: Stack, tmp_path: Path) -> Iterator[Flower]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture
+def flower(celery_stack: Stack, tmp_path: Path) -> Iterator[Flower]:
+    with running_flower(celery_stack, tmp_path, "celery") as client:
+        yield client
+
+
+def _task_columns(flower: Flower) -> list[str]:
+    return re.findall(r'<th data-column="([a-z_]+)"', flower.get("/tasks"))
+
+
+def _result(task: dict[str, Any]) -> dict[str, Any]:
+    """A task's result as Flower's API gives it (a repr of the returned dict)."""
+    value = task.get("result")
+    return value if isinstance(value, dict) else ast.literal_eval(value)
+
+
+def test_dmipro_flower_lists_the_workers_with_job_columns(celery_stack: Stack, tmp_path: Path) -> None:
+    worker = celery_stack.workers["celery"][0].name
+    with running_flower(celery_stack, tmp_path, "dmipro") as flower:
+        wait_for(lambda: any(worker in k for k in flower.get("/api/workers?refresh=1")), 30,
+                 "flower to list the worker")
+        assert _task_columns(flower) == FLOWER_TASK_COLUMNS.split(",")
+
+
+def test_an_evaluation_with_errored_examples_shows_them_in_flower(flower: Flower,
+                                                                  celery_stack: Stack) -> None:
+    job = small_job()
+    # Half the LM calls fail and none is retried: some examples end errored, not scored.
+    job["lm"]["sim"] = {"server_error_rate": 0.5, "seed": 3}
+    job["lm"]["retry"] = {"max_attempts": 1}
+    with pytest.raises(DmiproError):  # the evaluation cannot complete
+        evaluate(job, executor="celery")
+
+    def errored() -> list[dict[str, Any]] | None:
+        chunks = [t for t in flower.get("/api/tasks?taskname=dmipro.evaluate_chunk").values()
+                  if t["state"] == "SUCCESS"]
+        hit = [t for t in chunks if _result(t)["errored"] > 0]
+        return hit or None
+
+    for task in wait_for(errored, 30, "flower to show an evaluation with errored examples"):
+        # The counts come first, so the result column shows them before the per-example list.
+        assert str(task["result"]).startswith("{'errored': ")
+        assert _result(task)["errored"] == sum(1 for r in _result(task)["results"] if r.get("lm_error"))
 
 
 def test_flower_shows_workers_tasks_and_progress(flower: Flower, celery_stack: Stack) -> None:
@@ -109,4 +168,8 @@ def test_flower_shows_workers_tasks_and_progress(flower: Flower, celery_stack: S
     work = [t for t in tasks.values() if t["name"] != "dmipro.optimize"]
     assert work and all(t["parent_id"] == t["root_id"] == optimize_id for t in work), \
         {t["uuid"]: (t["parent_id"], t["root_id"]) for t in work}
+    # ... and names its job in its id; the task list shows the job's columns.
+    assert all(t["uuid"].startswith(f"{handle.job_id}-{t['name'].removeprefix('dmipro.')}-") for t in work)
+    assert _task_columns(flower) == FLOWER_TASK_COLUMNS.split(",")
+    assert all(_result(t)["errored"] == 0 for t in work if t["name"] == "dmipro.evaluate_chunk")
     assert f"job_id={handle.job_id}" in tasks[optimize_id]["args"]
