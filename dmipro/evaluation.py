@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -172,8 +172,14 @@ class Evaluator:
     ) -> EvaluationResult:
         return self.evaluate_many([EvalRequest(candidate, example_ids, trial)])[0]
 
-    def evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
-        """Evaluate several candidates at once, sharing the executor's capacity."""
+    def evaluate_many(
+        self, requests: Sequence[EvalRequest], on_done: Callable[[int], None] | None = None
+    ) -> list[EvaluationResult]:
+        """Evaluate several candidates at once, sharing the executor's capacity.
+
+        ``on_done(k)`` is called (on this thread) as soon as request ``k`` has a score for every
+        example, so progress can count finished evaluations while the others still run.
+        """
         with span(
             "dmipro.evaluate",
             job_id=self.job_id,
@@ -181,7 +187,7 @@ class Evaluator:
             candidates=len(requests),
             trials=",".join(str(r.trial) for r in requests if r.trial is not None) or None,
         ):
-            return self._evaluate_many(requests)
+            return self._evaluate_many(requests, on_done)
 
     def _round(
         self,
@@ -189,6 +195,7 @@ class Evaluator:
         todo: list[tuple[int, list[int]]],
         usages: list[Usage],
         faults: list[FaultCounts],
+        done: Callable[[int], None],
     ) -> list[tuple[tuple[int, list[int]], str]]:
         """Evaluate ``todo`` once; return, per plan, the ids whose LM calls still failed."""
         total = sum(len(ids) for _, ids in todo)
@@ -228,10 +235,21 @@ class Evaluator:
                     fresh.append((str(item.id), item.score, None))
             if self.cache is not None and fresh:
                 self.cache.put(plans[k][2], fresh)
+            if len(plans[k][3]) == len(plans[k][1]):
+                done(k)
         return [((k, sorted(ids)), last.get(k, "")) for k, ids in errored.items()]
 
-    def _evaluate_many(self, requests: Sequence[EvalRequest]) -> list[EvaluationResult]:
+    def _evaluate_many(
+        self, requests: Sequence[EvalRequest], on_done: Callable[[int], None] | None
+    ) -> list[EvaluationResult]:
         start = time.perf_counter()
+        finished: set[int] = set()
+
+        def done(k: int) -> None:
+            if on_done is not None and k not in finished:
+                finished.add(k)
+                on_done(k)
+
         plans = []
         for req in requests:
             ids = list(range(self.size)) if req.example_ids is None else list(req.example_ids)
@@ -244,6 +262,7 @@ class Evaluator:
                     scores[i] = ExampleScore(i, hit[0], hit[1])
             plans.append((req, ids, fp, scores, len(scores)))
             if len(scores) == len(ids):
+                done(len(plans) - 1)
                 continue  # served from the cache: nothing is evaluated, so no event
             bus.emit(
                 "dspy.evaluation.start",
@@ -259,7 +278,7 @@ class Evaluator:
         faults = [FaultCounts() for _ in plans]
         todo = [(k, [i for i in ids if i not in scores]) for k, (_, ids, _, scores, _) in enumerate(plans)]
         for round_ in range(self.error_rounds + 1):
-            errored = self._round(plans, todo, usages, faults)
+            errored = self._round(plans, todo, usages, faults, done)
             errors = sum(1 for _, _, _, scores, _ in plans for r in scores.values() if r.error is not None)
             if self.max_errors is not None and errors >= self.max_errors:
                 last = next((r.error for _, _, _, sc, _ in plans for r in sc.values() if r.error), "")

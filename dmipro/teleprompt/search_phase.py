@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dmipro.errors import OptimizationError
@@ -105,13 +106,11 @@ class SearchPhase:
         while True:
             st = study.state()
             done = st.minibatch_done if plan.minibatch else st.full_done
-            run.progress(
-                "search",
-                trials_done=done,
-                trials_total=plan.num_trials,
-                best_score=None if st.best_params is None else st.best_score,
-                baseline_score=None if st.baseline is None else float(st.baseline.value),
-            )
+            scores = {
+                "best_score": None if st.best_params is None else st.best_score,
+                "baseline_score": None if st.baseline is None else float(st.baseline.value),
+            }
+            run.progress("search", trials_done=done, trials_total=plan.num_trials, **scores)
             if run.cancelled():
                 stop_reason = "cancelled"
                 break
@@ -169,13 +168,17 @@ class SearchPhase:
                     kind=kind,
                     candidate=space.key(t.params),
                 )
+            counted_kind = TrialKind.MINIBATCH if plan.minibatch else TrialKind.FULL
+            counted = {len(picks) + j for j, t in enumerate(trials)
+                       if (trial_kind(t) or TrialKind.MINIBATCH) == counted_kind}
+            finished = self._count_finished(done, counted, scores)
             with span(
                 "dmipro.trial",
                 job_id=run.job_id,
                 batch=batch,
                 trial=",".join(str(r.trial) for r in requests),
             ):
-                results = evaluate_unique(evaluator, requests)
+                results = evaluate_unique(evaluator, requests, finished)
             stats.depth += len(run.predictors)
 
             for (key, params), res in zip(picks, results, strict=False):
@@ -214,6 +217,20 @@ class SearchPhase:
         if st.baseline is None or st.best_params is None:
             raise OptimizationError("the search ended before the baseline program was evaluated")
         return self._result(st, stop_reason, start)
+
+    def _count_finished(self, done: int, counted: set[int], scores: dict[str, Any]) -> Callable[[int], None]:
+        """A callback reporting each trial of the batch done as soon as its evaluation is, not at the
+        end of the batch (requests ``counted`` are the trials that count towards ``trials_done``)."""
+        finished = 0
+
+        def on_done(j: int) -> None:
+            nonlocal finished
+            if j in counted:
+                finished += 1
+                self.run_.progress("search", trials_done=done + finished,
+                                   trials_total=self.run_.plan.num_trials, **scores)
+
+        return on_done
 
     def _batch_size(self, st: SearchState, done: int) -> int:
         """Trials to ask at once: ``parallel_trials``, or enough to fill the executor.
@@ -286,8 +303,14 @@ class SearchPhase:
         )
 
 
-def evaluate_unique(evaluator: Evaluator, requests: list[EvalRequest]) -> list[EvaluationResult]:
-    """Evaluate a batch; identical candidates on identical examples are evaluated once."""
+def evaluate_unique(
+    evaluator: Evaluator, requests: list[EvalRequest], on_done: Callable[[int], None] | None = None
+) -> list[EvaluationResult]:
+    """Evaluate a batch; identical candidates on identical examples are evaluated once.
+
+    ``on_done(j)`` is called for request ``j`` (an index into ``requests``) as soon as its
+    evaluation has finished, while the rest of the batch still runs.
+    """
     unique: dict[tuple[str, tuple[int, ...]], int] = {}
     todo: list[EvalRequest] = []
     index = []
@@ -297,7 +320,12 @@ def evaluate_unique(evaluator: Evaluator, requests: list[EvalRequest]) -> list[E
             unique[key] = len(todo)
             todo.append(req)
         index.append(unique[key])
-    results = evaluator.evaluate_many(todo)
+    def finished(u: int) -> None:
+        for j, i in enumerate(index):
+            if i == u and on_done is not None:
+                on_done(j)
+
+    results = evaluator.evaluate_many(todo, finished)
     seen: set[int] = set()
     out = []
     for i in index:
