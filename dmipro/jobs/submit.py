@@ -172,7 +172,8 @@ def status_of(record: JobRecord) -> dict[str, Any]:
         "job_id": record.id,
         "name": record.name,
         "state": record.state.value,
-        "phase": record.phase,
+        # A finished search leaves its last phase in the row; a succeeded job is simply done.
+        "phase": "done" if record.state is JobState.SUCCEEDED else record.phase,
         "executor": record.executor,
     }
     report.update({key: progress.get(key) for key in _STATUS_FROM_PROGRESS})
@@ -228,22 +229,29 @@ class JobHandle:
         *,
         poll_interval: float = 0.5,
         on_waiting: Callable[[str], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Block until the job is finished (succeeded, failed or cancelled); return its status.
 
         While the job stays queued the broker is asked, every few seconds, whether a worker
         consumes the coordinator queue; ``on_waiting`` receives each new reason it does not
-        start. Raises :class:`JobTimeoutError` when ``timeout`` seconds pass first; its
-        message carries that reason.
+        start. ``on_progress`` receives the status each time the job's progress changes.
+        Raises :class:`JobTimeoutError` when ``timeout`` seconds pass first; its message
+        carries that reason.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = min(0.05, poll_interval)
         reason: str | None = None
         next_check = time.monotonic()
+        last: tuple[Any, ...] | None = None
         while True:
             record = self.record
             if record.state.finished:
                 return status_of(record)
+            seen = (record.state, record.phase, record.updated_at)
+            if on_progress is not None and seen != last:
+                last = seen
+                on_progress(status_of(record))
             if record.state is JobState.QUEUED and time.monotonic() >= next_check:
                 found = waiting_reason(record)
                 if found and found != reason and on_waiting is not None:
@@ -316,10 +324,14 @@ def status(job_id: str) -> dict[str, Any]:
 
 
 def wait(
-    job_id: str, timeout: float | None = None, *, on_waiting: Callable[[str], None] | None = None
+    job_id: str,
+    timeout: float | None = None,
+    *,
+    on_waiting: Callable[[str], None] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Wait for job ``job_id`` to finish (see :meth:`JobHandle.wait`)."""
-    return JobHandle(job_id).wait(timeout, on_waiting=on_waiting)
+    return JobHandle(job_id).wait(timeout, on_waiting=on_waiting, on_progress=on_progress)
 
 
 def cancel(job_id: str) -> dict[str, Any]:

@@ -11,6 +11,8 @@ Each command imports what it runs (Celery, RQ, the job stack) inside its body: e
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -167,13 +169,29 @@ def wait_cmd(
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 2).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Wait for a job to finish; exit 0 if it succeeded, 1 if it failed or was cancelled."""
+    """Wait for a job to finish; exit 0 if it succeeded, 1 if it failed or was cancelled.
+
+    On a terminal a live line on stderr follows the job (phase, trials, best score, LM
+    use); stdout gets the final report only, and under --json nothing else is printed.
+    """
     from dmipro.jobs.submit import wait
 
-    def waiting(reason: str) -> None:  # on stderr: stdout stays the final report
-        typer.echo(f"{job_id}: queued: {reason}", err=True)
+    live = not as_json and sys.stderr.isatty()
 
-    report = wait(job_id, timeout, on_waiting=waiting)
+    def waiting(reason: str) -> None:  # on stderr: stdout stays the final report
+        typer.echo(("\r\033[K" if live else "") + f"{job_id}: queued: {reason}", err=True)
+
+    def progress(report: dict[str, Any]) -> None:
+        line = _describe({**report, "error": None}).splitlines()[0]
+        sys.stderr.write("\r\033[K" + line[: shutil.get_terminal_size().columns - 1])
+        sys.stderr.flush()
+
+    try:
+        report = wait(job_id, timeout, on_waiting=waiting, on_progress=progress if live else None)
+    finally:
+        if live:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
     _show(report, as_json)
     if report["state"] != "succeeded":
         raise typer.Exit(1)
