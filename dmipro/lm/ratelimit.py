@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dmipro.errors import ConfigError, LMError, ProviderUnavailableError
+from dmipro._imports import try_import
+from dmipro.errors import LMError, ProviderUnavailableError
 
 __all__ = [
     "LocalBackend",
@@ -146,10 +147,8 @@ class RedisBackend:
     prefix = "dmipro:ratelimit:"
 
     def __init__(self, url: str) -> None:
-        try:
-            import redis
-        except ImportError as exc:  # pragma: no cover - redis comes with the celery and rq extras
-            raise ConfigError("a shared rate limit needs redis: pip install 'dmipro[celery]'") from exc
+        # redis comes with the celery and rq extras; a thread-pool run never loads it.
+        redis = try_import("redis", extra="celery", purpose="a shared rate limit (in redis)")
         self.url = url
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._take = self.client.register_script(_TAKE_LUA)
