@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dmipro._imports import try_import
+from dmipro._imports import guarded
 from dmipro.errors import ExperimentError
 
 if TYPE_CHECKING:
@@ -21,9 +21,11 @@ __all__ = ["plot_lift"]
 
 def plot_lift(exp: Experiment, out: str | Path) -> dict[str, Any]:
     """Write ``out`` (PNG) and return ``{"path", "units", "decision", "decided_at"}``."""
-    matplotlib = try_import("matplotlib", extra="bench", purpose="plotting (with matplotlib)")
-    matplotlib.use("Agg")  # no display: the plot is a file
-    plt = try_import("matplotlib.pyplot", extra="bench", purpose="plotting (with matplotlib)")
+    with guarded(extra="bench", purpose="plotting (with matplotlib)"):
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: the plot is a file
+        import matplotlib.pyplot as plt
     data, path = exp.path()
     if path.diff.size == 0:
         raise ExperimentError(f"experiment {exp.name!r} has no outcomes to plot yet")

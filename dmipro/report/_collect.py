@@ -11,8 +11,8 @@ import math
 import time
 from typing import Any
 
-from dmipro._imports import available
-from dmipro.errors import JobNotFoundError
+from dmipro._imports import guarded
+from dmipro.errors import ConfigError, JobNotFoundError
 from dmipro.jobs.store import JobStore
 from dmipro.teleprompt.search import full_study_name, trial_kind
 
@@ -61,8 +61,11 @@ def _importance(trials: list[Any], predictors: list[str]) -> dict[str, Any]:
     if len({t.value for t in trials}) < 2:
         out["note"] = "every search trial scored the same: no choice made a difference"
         return out
-    if not available("sklearn"):  # fANOVA's forest
-        out["note"] = "importances need scikit-learn: pip install 'dmipro[bench]'"
+    try:
+        with guarded(extra="bench", purpose="importances (fANOVA's forest, scikit-learn)"):
+            import sklearn  # noqa: F401
+    except ConfigError as exc:  # the numbers are still worth having: the note says what is missing
+        out["note"] = str(exc)
         return out
     memory = optuna.create_study(direction="maximize")
     memory.add_trials(trials)

@@ -10,7 +10,7 @@ import math
 import textwrap
 from typing import Any
 
-from dmipro._imports import try_import
+from dmipro._imports import guarded
 from dmipro.report._collect import PHASES, fmt_cost
 
 __all__ = ["figure", "render_png"]
@@ -25,9 +25,11 @@ _PHASE_COLORS = {"bootstrap": "#4c72b0", "propose": "#dd8452", "search": "#55a86
 
 # -- the figure ---------------------------------------------------------------------
 def _pyplot() -> Any:
-    matplotlib = try_import("matplotlib", extra="bench", purpose="dmipro report (drawn with matplotlib)")
-    matplotlib.use("Agg")  # no display: the report is a file
-    plt = try_import("matplotlib.pyplot", extra="bench", purpose="dmipro report (drawn with matplotlib)")
+    with guarded(extra="bench", purpose="dmipro report (drawn with matplotlib)"):
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: the report is a file
+        import matplotlib.pyplot as plt
 
     plt.rcParams.update(
         {
