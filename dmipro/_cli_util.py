@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TextIO, TypeVar
 
 import typer
 
+from dmipro.config import mask_passwords
 from dmipro.errors import DmiproError
 
 __all__ = ["cli_errors", "json_stdout", "write_json"]
@@ -28,8 +29,6 @@ def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except DmiproError as exc:
-            from dmipro.config import mask_passwords
-
             typer.echo(f"error: {mask_passwords(str(exc))}", err=True)
             raise typer.Exit(2) from exc
 

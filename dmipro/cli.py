@@ -15,7 +15,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+import dmipro
+from dmipro import observability
+from dmipro._cli_util import json_stdout, write_json
+from dmipro.ab.cli import ab_app
+from dmipro.config import mask_passwords
 from dmipro.errors import DmiproError
+from dmipro.refs import ensure_importable, trusted_code_paths
+from dmipro.registry.cli import export_command, import_command, registry_app
+from dmipro.workers import cli as workers
 
 __all__ = ["app", "main"]
 
@@ -33,15 +41,11 @@ app.add_typer(sim_app, name="sim")
 @app.callback()
 def _setup() -> None:
     """Turn on the subscribers named in DMIPRO_SUBSCRIBERS / dmipro.yaml (cheap when none are)."""
-    from dmipro import observability
-
     observability.setup()
 
 
+# Mounted after this module's own commands, so `dmipro --help` lists those first.
 def _mount() -> None:
-    from dmipro.registry.cli import export_command, import_command, registry_app
-    from dmipro.workers import cli as workers
-
     app.add_typer(registry_app, name="registry", help="Named, versioned programs: deploy and roll back.")
     app.command("export")(export_command)
     app.command("import")(import_command)
@@ -54,8 +58,6 @@ def _mount() -> None:
     worker_app.command("celery")(workers.worker_celery)
     worker_app.command("rq")(workers.worker_rq)
     app.add_typer(worker_app, name="worker")
-    from dmipro.ab.cli import ab_app
-
     app.add_typer(ab_app, name="ab")
 
 
@@ -70,14 +72,13 @@ ExecutorOpt = Annotated[
 
 def emit_json(data: Any) -> None:
     """Print ``data`` as one line of JSON on stdout (the only thing there under ``--json``)."""
-    from dmipro._cli_util import write_json
-
     write_json(data)
 
 
 @app.command()
 def validate(job: JobPath, as_json: JsonFlag = False) -> None:
     """Validate a job file completely (refs, datasets, fields, LM config); print ok."""
+    # Deferred for start-up time: dmipro.jobs loads DSPy; `dmipro --help` and the other commands must not.
     from dmipro.jobs import load_job
 
     loaded = load_job(job)
@@ -104,6 +105,7 @@ def evaluate(
     as_json: JsonFlag = False,
 ) -> None:
     """Evaluate the job's unoptimized program on its valset."""
+    # Deferred for start-up time: dmipro.api loads DSPy; `dmipro --help` and the other commands must not.
     from dmipro.api import evaluate as run
 
     result = run(job, executor=executor, split=split, concurrency=concurrency)
@@ -207,6 +209,7 @@ def optimize(
     as_json: JsonFlag = False,
 ) -> None:
     """Optimize a job's program with MIPROv2 in this process; print the scores."""
+    # Deferred for start-up time: dmipro.api loads DSPy; `dmipro --help` and the other commands must not.
     from dmipro.api import optimize as run
 
     with _ProgressView(enabled=not as_json) as view:
@@ -222,6 +225,7 @@ def demo(
     as_json: JsonFlag = False,
 ) -> None:
     """Optimize the math_qa example on the simulated LM (threads, SQLite) and compare with the baseline."""
+    # Deferred for start-up time: dmipro.api loads DSPy; `dmipro --help` and the other commands must not.
     from dmipro.api import evaluate as run_eval
     from dmipro.api import optimize as run
     from dmipro.jobs import load_job
@@ -245,8 +249,6 @@ def demo(
 
 
 def _example_job() -> Path:
-    import dmipro
-
     for root in (Path.cwd(), Path(dmipro.__file__).resolve().parent.parent):
         candidate = root / "examples" / "math_qa" / "job.yaml"
         if candidate.is_file():
@@ -262,6 +264,7 @@ def jobs(
     """List the newest jobs in the job database: state, phase, trials, best score."""
     from rich.table import Table
 
+    # Deferred for start-up time: dmipro.jobs loads DSPy; `dmipro --help` and the other commands must not.
     from dmipro.jobs import JobStore
 
     records = JobStore().list(limit)
@@ -293,6 +296,7 @@ def report(
     as_json: JsonFlag = False,
 ) -> None:
     """One figure of a run: scores per trial, best so far, which choices mattered, LM use per phase."""
+    # Deferred for start-up time: dmipro.report loads DSPy (through the teleprompt package).
     from dmipro.report import report as build
 
     # --json alone prints the numbers and draws nothing (no matplotlib needed).
@@ -325,6 +329,7 @@ def sim_serve(
     """Serve the simulator as an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
     import ipaddress
 
+    # Deferred for start-up time: dmipro.lm loads DSPy; `dmipro --help` and the other commands must not.
     from dmipro.lm.server import run_server
 
     try:
@@ -359,6 +364,7 @@ def sim_describe(
     task: Annotated[str, typer.Option(help="Simulated task.")] = "math", as_json: JsonFlag = False
 ) -> None:
     """Show the simulator's response surface: what helps, what hurts, where the optimum is."""
+    # Deferred for start-up time: dmipro.lm loads DSPy; `dmipro --help` and the other commands must not.
     from dmipro.lm._sim import describe
 
     info = describe(task)
@@ -373,17 +379,12 @@ _mount()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a DmiproError exits 2 with a one-line reason."""
-    from dmipro._cli_util import json_stdout
-    from dmipro.refs import ensure_importable, trusted_code_paths
-
     args = sys.argv[1:] if argv is None else argv
     try:
         ensure_importable(trusted_code_paths())
         with json_stdout("--json" in args):
             app(args=args, standalone_mode=True)
     except DmiproError as exc:
-        from dmipro.config import mask_passwords
-
         message = mask_passwords(" ".join(str(exc).split()))
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2) from None

@@ -13,6 +13,11 @@ from typing import Annotated, Any
 import typer
 
 from dmipro._cli_util import cli_errors, write_json
+from dmipro.ab.experiment import create, get, list_experiments
+from dmipro.ab.monitor import monitor
+from dmipro.ab.offline import compare
+from dmipro.ab.plot import plot_lift
+from dmipro.ab.stats import plan
 from dmipro.errors import ExperimentError
 
 __all__ = ["ab_app"]
@@ -69,8 +74,6 @@ def create_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Create and start an experiment between two versions of a registered program."""
-    from dmipro.ab.experiment import create
-
     exp = create(name, control=control, treatment=treatment, split=split, metric=metric, alpha=alpha,
                  mode=mode, mde=mde, baseline=baseline, power=power, max_units=max_units)
     if as_json:
@@ -84,8 +87,6 @@ def create_command(
 @cli_errors
 def list_command(as_json: JsonFlag = False) -> None:
     """List experiments, newest first."""
-    from dmipro.ab.experiment import list_experiments
-
     exps = list_experiments()
     if as_json:
         write_json([e.to_json() for e in exps])
@@ -101,8 +102,6 @@ def list_command(as_json: JsonFlag = False) -> None:
 @cli_errors
 def status_command(name: ExpArg, as_json: JsonFlag = False) -> None:
     """Analyze an experiment now: per-arm means, lift, p-value, guardrails, SRM and the decision."""
-    from dmipro.ab.experiment import get
-
     result = get(name).analyze()
     if as_json:
         write_json(result)
@@ -114,8 +113,6 @@ def status_command(name: ExpArg, as_json: JsonFlag = False) -> None:
 @cli_errors
 def stop_command(name: ExpArg, as_json: JsonFlag = False) -> None:
     """Stop splitting units (everyone gets the deployed version) and print the final analysis."""
-    from dmipro.ab.experiment import get
-
     result = get(name).stop()
     if as_json:
         write_json(result)
@@ -131,8 +128,6 @@ def promote_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Deploy the winning version through the registry and end the experiment."""
-    from dmipro.ab.experiment import get
-
     result = get(name).promote(arm)
     if as_json:
         write_json(result)
@@ -155,8 +150,6 @@ def offline_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Score two versions on the same examples and test the difference (McNemar / paired)."""
-    from dmipro.ab.offline import compare
-
     result = compare(a, b, job, split=split, executor=executor, concurrency=concurrency, alpha=alpha)
     if as_json:
         write_json(result)
@@ -181,8 +174,6 @@ def plan_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Units needed: fixed-horizon (one look) and sequential (look any time)."""
-    from dmipro.ab.stats import plan
-
     try:
         result = plan(baseline, mde, power=power, alpha=alpha, split=split, sd=sd)
     except ValueError as exc:
@@ -204,9 +195,6 @@ def plot_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Plot the cumulative lift with its confidence sequence over units, the decision marked."""
-    from dmipro.ab.experiment import get
-    from dmipro.ab.plot import plot_lift
-
     info = plot_lift(get(name), out)
     if as_json:
         write_json(info)
@@ -223,8 +211,6 @@ def monitor_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Run the regression check on the deployed version (rolls back with registry.auto_rollback)."""
-    from dmipro.ab.monitor import monitor
-
     result = monitor(name, reference=reference, window=window).check()
     if as_json:
         write_json(result)

@@ -31,6 +31,7 @@ from dmipro.config import get_settings
 from dmipro.db import session_scope
 from dmipro.errors import ExperimentError
 from dmipro.events import bus
+from dmipro.registry._models import NameRow
 from dmipro.registry.names import format_spec, parse_spec, validate_name
 from dmipro.registry.registry import Registry
 from dmipro.registry.values import default_actor
@@ -180,8 +181,6 @@ class Experiment:
             row = s.get(ExperimentRow, self.name)
             if row is None:
                 raise ExperimentError(f"experiment {self.name!r} no longer exists")
-            from dmipro.registry._models import NameRow
-
             name_row = s.get(NameRow, self.program_name)
             deployed = None if name_row is None else name_row.deployed_version
             with self._lock:

@@ -27,6 +27,7 @@ __all__ = ["compare"]
 
 
 def _candidate(registry: Registry, spec: str, predictors: set[str]) -> tuple[str, Any]:
+    # Deferred like compare's imports (see there).
     from dmipro.jobs.candidate import candidate_of
 
     info = registry.show(spec)
@@ -60,6 +61,8 @@ def compare(
     ``split``, ``errors`` and the discordant counts of a binary metric. Emits
     ``dspy.langfuse.comparison_logged``.
     """
+    # Deferred: dmipro.ab (loaded by every CLI start and by apps serving an experiment) must not
+    # load DSPy and the evaluation stack (~1 s) for the one function that runs them.
     from dmipro.evaluation import EvalRequest, Evaluator
     from dmipro.executor_adapters import ExecutorAdapter, make_executor
     from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime

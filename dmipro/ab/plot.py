@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dmipro.errors import ConfigError, ExperimentError
+from dmipro._imports import guarded
+from dmipro.errors import ExperimentError
 
 if TYPE_CHECKING:
     from dmipro.ab.experiment import Experiment
@@ -20,13 +21,11 @@ __all__ = ["plot_lift"]
 
 def plot_lift(exp: Experiment, out: str | Path) -> dict[str, Any]:
     """Write ``out`` (PNG) and return ``{"path", "units", "decision", "decided_at"}``."""
-    try:
+    with guarded(extra="bench", purpose="plotting (with matplotlib)"):
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display: the plot is a file
         import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError("plotting needs matplotlib: pip install 'dmipro[bench]'") from exc
     data, path = exp.path()
     if path.diff.size == 0:
         raise ExperimentError(f"experiment {exp.name!r} has no outcomes to plot yet")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dmipro.lm import _sim, ratelimit, retry
+from dmipro.lm._sim import SIM_OPTIONS
 from dmipro.lm.faults import FaultCounts, Outcome, classify, to_lm_error
 from dmipro.lm.ratelimit import RateLimiter
 from dmipro.lm.retry import GuardedLM
@@ -29,14 +31,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "SIM_OPTIONS":
-        from dmipro.lm._sim import SIM_OPTIONS
-
-        return SIM_OPTIONS
-    raise AttributeError(name)
-
-
 NO_KEY = "dmipro-no-key"
 """The key sent to a job's ``api_base`` when the job names no ``api_key_env``."""
 
@@ -51,24 +45,19 @@ def build_lm(config: Any, *, shared_url: str | None = None) -> Any:
     (``config.retry``); DSPy's own ``num_retries`` is set to 0 so attempts are not
     multiplied. A ``num_retries`` in the config caps dmipro's attempts instead.
     """
-    from dmipro.lm.ratelimit import limiter_for, limiter_key
-    from dmipro.lm.retry import GuardedLM, LMGuard
-
     kwargs = {
         k: v
         for k, v in config.model_dump(exclude_none=True).items()
         if k not in {"model", "sim", "api_key_env", "retry", "rate_limit", "num_retries"}
     }
     kwargs["num_retries"] = 0
-    retry = config.retry
-    if config.num_retries is not None and retry.max_attempts is None:
-        retry = retry.model_copy(update={"max_attempts": config.num_retries + 1})
+    policy = config.retry
+    if config.num_retries is not None and policy.max_attempts is None:
+        policy = policy.model_copy(update={"max_attempts": config.num_retries + 1})
     if kwargs.get("cache") == "shared":  # DSPy's cache on; the job runtime routes it to Redis
         kwargs["cache"] = True
     if config.is_sim:
-        from dmipro.lm._sim import sim_lm
-
-        lm = sim_lm(config.model, lm_class=GuardedLM, **(config.sim or {}), **kwargs)
+        lm = _sim.sim_lm(config.model, lm_class=GuardedLM, **(config.sim or {}), **kwargs)
     else:
         if config.api_key_env:
             kwargs["api_key"] = os.environ[config.api_key_env]
@@ -77,7 +66,9 @@ def build_lm(config: Any, *, shared_url: str | None = None) -> Any:
             # (OPENAI_API_KEY, ...) to an endpoint the job chose.
             kwargs["api_key"] = NO_KEY
         lm = GuardedLM(config.model, **kwargs)
-    key = limiter_key(config.model, config.api_key_env, config.api_base)
-    limiter = limiter_for(key, config.rate_limit, redis_url=shared_url)
-    lm._dmipro_guard = LMGuard(model=config.model, key_env=config.api_key_env, retry=retry, limiter=limiter)
+    key = ratelimit.limiter_key(config.model, config.api_key_env, config.api_base)
+    limiter = ratelimit.limiter_for(key, config.rate_limit, redis_url=shared_url)
+    lm._dmipro_guard = retry.LMGuard(
+        model=config.model, key_env=config.api_key_env, retry=policy, limiter=limiter
+    )
     return lm

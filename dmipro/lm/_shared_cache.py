@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from dmipro._imports import try_import
+
 __all__ = ["RoutingCache", "SharedCache", "share_cache", "shared_cache_stats"]
 
 log = logging.getLogger(__name__)
@@ -163,14 +165,15 @@ _caches: dict[str, SharedCache] = {}
 
 def _shared(url: str) -> SharedCache:
     import dspy
-    from redis import Redis
 
+    # redis comes with the celery and rq extras; a run without a shared cache never loads it.
+    redis = try_import("redis", extra="celery", purpose="the shared LM cache (in redis)")
     with _install_lock:
         if not isinstance(dspy.cache, RoutingCache):
             dspy.cache = RoutingCache(dspy.cache)
         cache = _caches.get(url)
         if cache is None:
-            client = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
             cache = _caches[url] = SharedCache(client)
         return cache
 
@@ -215,9 +218,8 @@ def share_cache(lm: Any, job_id: str, url: str) -> Any:
 
 def shared_cache_stats(job_id: str, url: str) -> dict[str, Any]:
     """A job's shared-cache counters and its hit rate ((hits + deduplicated) / lookups)."""
-    from redis import Redis
-
-    client = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    redis = try_import("redis", extra="celery", purpose="the shared LM cache (in redis)")
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     try:
         raw = client.hgetall(f"{PREFIX}stats:{job_id}")
     finally:

@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dmipro.errors import ConfigError, ProviderUnavailableError
+from dmipro._imports import try_import
+from dmipro.errors import LMError, ProviderUnavailableError
 
 __all__ = [
     "LocalBackend",
@@ -45,6 +46,8 @@ __all__ = [
     "health",
     "limiter_for",
     "limiter_key",
+    "refuse_key",
+    "refusal",
     "reset",
 ]
 
@@ -144,10 +147,8 @@ class RedisBackend:
     prefix = "dmipro:ratelimit:"
 
     def __init__(self, url: str) -> None:
-        try:
-            import redis
-        except ImportError as exc:  # pragma: no cover - redis comes with the celery and rq extras
-            raise ConfigError("a shared rate limit needs redis: pip install 'dmipro[celery]'") from exc
+        # redis comes with the celery and rq extras; a thread-pool run never loads it.
+        redis = try_import("redis", extra="celery", purpose="a shared rate limit (in redis)")
         self.url = url
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._take = self.client.register_script(_TAKE_LUA)
@@ -416,12 +417,32 @@ def health() -> dict[str, str]:
     return out
 
 
+# Keys the provider rejected outright (auth, quota, unknown model), refused in this process
+# without asking until their time runs out. Per key, like the limiters, so it lives here.
+_refused_lock = threading.Lock()
+_refused: dict[str, tuple[float, type[LMError], str, int | None]] = {}
+
+
+def refuse_key(key: str, error: LMError, seconds: float) -> None:
+    """Refuse calls with ``key`` in this process for ``seconds``, raising a copy of ``error``."""
+    with _refused_lock:
+        _refused[key] = (time.monotonic() + seconds, type(error), str(error), error.status)
+
+
+def refusal(key: str) -> LMError | None:
+    """A fresh copy of the error ``key`` is refused with, or None when it is not (or no longer)."""
+    with _refused_lock:
+        entry = _refused.get(key)
+        if entry is not None and entry[0] < time.monotonic():
+            del _refused[key]
+            entry = None
+    return None if entry is None else entry[1](entry[2], status=entry[3])
+
+
 def reset() -> None:
     """Forget this process's limiters and refused keys (tests; a worker starting afresh)."""
-    from dmipro.lm import retry
-
     with _lock:
         _limiters.clear()
         _backends.clear()
-    with retry._latch_lock:
-        retry._latched.clear()
+    with _refused_lock:
+        _refused.clear()

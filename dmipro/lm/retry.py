@@ -22,7 +22,6 @@ Retries, 429s and the time waited are counted into the task's
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -41,7 +40,7 @@ from dmipro.errors import (
     TransientLMError,
 )
 from dmipro.lm.faults import FaultCounts, to_lm_error
-from dmipro.lm.ratelimit import RateLimiter
+from dmipro.lm.ratelimit import RateLimiter, refusal, refuse_key
 
 __all__ = ["GuardedLM", "LMGuard", "current_faults", "process_faults"]
 
@@ -51,8 +50,6 @@ _LATCH_S = 60.0
 """How long a key the provider rejected (auth, quota, unknown model) is refused without asking."""
 
 _process_faults = FaultCounts()
-_latch_lock = threading.Lock()
-_latched: dict[str, tuple[float, type[LMError], str, int | None]] = {}
 
 
 def process_faults() -> FaultCounts:
@@ -86,7 +83,7 @@ class LMGuard:
     """The LM boundary for one LM of a job: limiter, classification, retries, explanations.
 
     Shared by an LM and its ``copy()``s; thread-safe (its state is the limiter's and the
-    per-process latch's, both locked).
+    per-process refused keys, both locked).
     """
 
     def __init__(self, *, model: str, key_env: str | None, retry: Any, limiter: RateLimiter) -> None:
@@ -182,18 +179,11 @@ class LMGuard:
         # Only what holds for every call with this key: a bad request or an overlong prompt
         # concerns one request, not the key.
         if isinstance(error, (LMAuthError, LMQuotaError, LMModelNotFoundError)):
-            with _latch_lock:
-                until = time.monotonic() + _LATCH_S
-                _latched[self.limiter.key] = (until, type(error), str(error), error.status)
+            refuse_key(self.limiter.key, error, _LATCH_S)
 
     def _refuse_if_latched(self, faults: FaultCounts) -> None:
-        with _latch_lock:
-            entry = _latched.get(self.limiter.key)
-            if entry is not None and entry[0] < time.monotonic():
-                del _latched[self.limiter.key]
-                entry = None
-        if entry is not None:
-            error = entry[1](entry[2], status=entry[3])
+        error = refusal(self.limiter.key)
+        if error is not None:
             faults.record_failure(error)
             faults.record_gave_up(error)
             raise error

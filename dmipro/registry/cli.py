@@ -12,11 +12,12 @@ from typing import Annotated, Any
 
 import typer
 
-from dmipro._cli_util import cli_errors
+from dmipro._cli_util import cli_errors, write_json
 from dmipro.errors import RegistryError
 from dmipro.registry.names import format_spec, parse_spec, validate_name
 from dmipro.registry.registry import Registry
 from dmipro.registry.values import Deployment
+from dmipro.storage.files import export_program, read_program_file
 from dmipro.storage.record import state_predictors
 
 __all__ = ["export_command", "import_command", "registry_app"]
@@ -31,8 +32,6 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of te
 
 
 def _echo_json(value: Any) -> None:
-    from dmipro._cli_util import write_json
-
     write_json(value, indent=2)
 
 
@@ -216,8 +215,6 @@ def export_command(
 
     dmipro's metadata and trial history go inside DSPy's ``metadata`` object, under ``dmipro``.
     """
-    from dmipro.storage.files import export_program
-
     reg = Registry()
     info = reg.show(ref)
     export_program(reg.get(info.spec), output)
@@ -236,8 +233,6 @@ def import_command(
     ] = None,
 ) -> None:
     """Register a program file as the next version of NAME."""
-    from dmipro.storage.files import read_program_file
-
     validate_name(name)
     record = read_program_file(path, program_ref=program)
     info = Registry().register(name, record)

@@ -34,6 +34,7 @@ from dmipro.registry.diff import diff_programs
 from dmipro.registry.names import format_spec, parse_spec, validate_name
 from dmipro.registry.values import Deployment, NameInfo, VersionInfo, default_actor, deployment_of, ts
 from dmipro.storage.database import ProgramRow, insert_program, record_from_row
+from dmipro.storage.program import build_program
 from dmipro.storage.record import ProgramRecord
 
 if TYPE_CHECKING:
@@ -256,8 +257,6 @@ class Registry:
 
     def load(self, spec: str) -> dspy.Module:
         """The version ``spec`` names as a ready ``dspy.Module`` (``NAME``: the deployed one)."""
-        from dmipro.storage.program import build_program
-
         name, version, record = self._get(spec, history=False)  # a load needs no trial history
         where = format_spec(name, version)
         try:

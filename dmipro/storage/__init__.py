@@ -10,7 +10,10 @@ into a ready ``dspy.Module``.
 
 from __future__ import annotations
 
-from dmipro.storage.base import ProgramStore, StoredProgram, get_store
+import pathlib
+
+from dmipro import config
+from dmipro.storage.base import ProgramStore, StoredProgram
 from dmipro.storage.database import DatabaseProgramStore
 from dmipro.storage.directory import DirectoryProgramStore
 from dmipro.storage.files import export_program, read_program_file, record_from_dspy_state
@@ -55,3 +58,13 @@ __all__ = [
     "record_from_dspy_state",
     "state_bytes",
 ]
+
+
+# Here rather than in base.py (as optuna's ``get_storage`` sits in ``optuna.storages``): the
+# base class stays below its backends, and only the package knows them all.
+def get_store(storage: str | None = None) -> ProgramStore:
+    """The store named by ``storage`` (default: the ``storage`` setting): ``"db"`` or a directory."""
+    target = storage if storage is not None else config.get_settings().storage
+    if target == "db":
+        return DatabaseProgramStore()
+    return DirectoryProgramStore(pathlib.Path(target).expanduser())

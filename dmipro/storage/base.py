@@ -1,4 +1,4 @@
-"""The program store: one base class, a database backend and a directory backend."""
+"""The program store's base class: the contract every backend (database, directory) implements."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dmipro.errors import DmiproError, StorageError
 from dmipro.events import bus
 from dmipro.storage.record import ProgramRecord
 
-__all__ = ["ProgramStore", "StoredProgram", "get_store"]
+__all__ = ["ProgramStore", "StoredProgram"]
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 T = TypeVar("T")
@@ -116,19 +116,3 @@ class ProgramStore:
     def _list(self, job_id: str | None) -> builtins.list[StoredProgram]:
         """Summaries of every stored record (of ``job_id`` when given), in any order."""
         raise NotImplementedError
-
-
-def get_store(storage: str | None = None) -> ProgramStore:
-    """The store named by ``storage`` (default: the ``storage`` setting): ``"db"`` or a directory."""
-    from dmipro.config import get_settings
-
-    target = storage if storage is not None else get_settings().storage
-    if target == "db":
-        from dmipro.storage.database import DatabaseProgramStore
-
-        return DatabaseProgramStore()
-    from pathlib import Path
-
-    from dmipro.storage.directory import DirectoryProgramStore
-
-    return DirectoryProgramStore(Path(target).expanduser())

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dmipro.errors import DecodeError
 from dmipro.refs import is_ref, ref_of
+from dmipro.storage._state import lm_info, predictor_signatures, program_state
 
 if TYPE_CHECKING:
     import dspy
@@ -130,8 +131,6 @@ class ProgramMetadata(BaseModel):
     @field_validator("lm")
     @classmethod
     def _lm_without_secrets(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        from dmipro.storage.program import lm_info
-
         return lm_info(value)
 
     @field_validator("optimizer", "extra")
@@ -285,8 +284,6 @@ class ProgramRecord(BaseModel):
         ``dspy.LM`` or a dict, stored without secrets.
         """
         import dspy
-
-        from dmipro.storage.program import lm_info, predictor_signatures, program_state
 
         ref = program_ref if isinstance(program_ref, str) else ref_of(program_ref, field="program")
         metadata = ProgramMetadata(

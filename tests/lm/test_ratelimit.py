@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from dmipro.errors import LMAuthError
 from dmipro.jobs.spec import RateLimitConfig
-from dmipro.lm.ratelimit import LocalBackend, RateLimiter, RedisBackend, limiter_key
+from dmipro.lm.ratelimit import (
+    LocalBackend,
+    RateLimiter,
+    RedisBackend,
+    limiter_key,
+    refusal,
+    refuse_key,
+    reset,
+)
 from dmipro.lm.server import SimHTTPServer, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +35,20 @@ def test_the_key_names_provider_model_and_key_variable_never_the_key() -> None:
     assert limiter_key("sim/math", None) == "sim:math:-"
     key = limiter_key("openai/sim-math", "K", "http://127.0.0.1:8900/v1")
     assert key == "openai:sim-math:K@127.0.0.1:8900"
+
+
+def test_a_refused_key_gives_a_fresh_copy_of_its_error_until_the_time_runs_out() -> None:
+    error = LMAuthError("the provider rejected the API key in $K (401)", status=401)
+    refuse_key("t:refused:K", error, 0.2)
+    first, second = refusal("t:refused:K"), refusal("t:refused:K")
+    assert isinstance(first, LMAuthError) and first is not error and first is not second
+    assert str(first) == str(error) and first.status == 401
+    assert refusal("t:other:K") is None  # per key
+    time.sleep(0.25)
+    assert refusal("t:refused:K") is None
+    refuse_key("t:refused:K", error, 60.0)
+    reset()  # a worker starting afresh asks the provider again
+    assert refusal("t:refused:K") is None
 
 
 def test_local_limiter_keeps_threads_under_the_rpm_together() -> None:
