@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import shutil
 from collections.abc import Callable
 from importlib.resources import files
@@ -425,6 +426,41 @@ def test_compose_file_validates_against_the_compose_specification() -> None:
     schema = compose_schema()
     assert schema["title"] == "Compose Specification"
     assert compose_problems(DEPLOY / "docker-compose.yml") == []
+
+
+def external_metric_problems(path: Path) -> Problems:
+    """Each External metric an HPA reads is one a prometheus-adapter rule in its file's comments serves."""
+    served = set(re.findall(r'name: \{as: "([^"]+)"\}', path.read_text()))
+    problems = []
+    for doc in load_docs(path):
+        for metric in (doc.get("spec") or {}).get("metrics") or []:
+            if metric.get("type") == "External":
+                name = metric["external"]["metric"]["name"]
+                if name not in served:
+                    problems.append(f"{path.name}: external metric {name!r} has no prometheus-adapter rule")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(ALTERNATIVES))
+def test_every_external_metric_has_its_adapter_rule(name: str, tmp_path: Path) -> None:
+    path = DEPLOY / name
+    assert external_metric_problems(path) == []
+    broken = tmp_path / path.name
+    broken.write_text(path.read_text().replace('name: {as: "', 'name: {as: "x'))
+    assert external_metric_problems(broken)
+
+
+@pytest.mark.integration
+def test_the_queue_depth_hpa_selects_a_series_dmipro_emits(redis_server: str) -> None:
+    """dmipro.queue.depth, as Prometheus names it, with the labels a real broker reading carries."""
+    from dmipro.subscribers._queues import queue_depths
+
+    readings = queue_depths(f"{redis_server}/0")
+    emitted = [{k.replace(".", "_"): v for k, v in attrs.items()} for attrs, _ in readings]
+    hpa = load_one(DEPLOY / "k8s-autoscaling" / "hpa-queue-depth.yaml")
+    metric = hpa["spec"]["metrics"][0]["external"]["metric"]
+    assert metric["name"] == "dmipro.queue.depth".replace(".", "_")
+    assert metric["selector"]["matchLabels"] in emitted, emitted
 
 
 # -- each check rejects a broken file ------------------------------------------------------------------
