@@ -396,6 +396,18 @@ def compose_problems(path: Path) -> Problems:
     return problems
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _schemas_read_once() -> Any:
+    """kubernetes-validate reads two schema files per object validated: read each once here."""
+    import kubernetes_validate.utils as kv_utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            kv_utils, "schema_contents", functools.lru_cache(maxsize=None)(kv_utils.schema_contents)
+        )
+        yield
+
+
 # -- the tests ----------------------------------------------------------------------------------
 
 MANIFESTS = manifest_files(DEPLOY)
