@@ -145,6 +145,29 @@ def test_up_submit_wait_down(tmp_path: Path) -> None:
         program = json.loads(Path(result["program_path"]).read_text())
         assert program  # the optimized program, as DSPy JSON, under the stack's DMIPRO_HOME
 
+        # `celery inspect`, as docs/operations.md says, with the environment `up` printed.
+        inspect = _run(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "dmipro.workers.celery_app",
+                "inspect",
+                "active_queues",
+                "--json",
+            ],
+            cli_env,
+            60,
+        )
+        assert inspect.returncode == 0, inspect.stderr
+        queues = {w.split("@")[0]: {q["name"] for q in qs} for w, qs in json.loads(inspect.stdout).items()}
+        assert queues == {
+            "coordinator": {"dmipro.coordinator"},
+            "work-1": {"dmipro.work"},
+            "work-2": {"dmipro.work"},
+        }
+
         # Flower watched it: the coordinator task on the coordinator, evaluations on the work workers.
         workers = _flower(flower_port, "/api/workers?refresh=1")
         assert {name.split("@")[0] for name in workers} == {"coordinator", "work-1", "work-2"}
