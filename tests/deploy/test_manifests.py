@@ -34,7 +34,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from cloudcoil.models.keda.v1alpha1 import ScaledObject
+from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from pydantic import ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,6 +182,9 @@ def build(directory: Path, problems: Problems) -> list[dict[str, Any]]:
             docs.extend(build(path, problems))
         elif path.is_file():
             docs.extend(load_docs(path))
+    for generator in kustomization.get("secretGenerator") or []:
+        # Generated from files that are never committed: only the name matters to the checks.
+        docs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": generator.get("name")}})
     for entry in patch_paths(kustomization):
         path = directory / entry
         if not path.is_file():
@@ -233,16 +236,28 @@ def kustomization_problems(path: Path, root: Path) -> Problems:
     return problems
 
 
-def scaled_object_problems(doc: dict[str, Any], where: str) -> Problems:
-    """KEDA's CRD (as the cloudcoil models), no dropped field, each trigger's required metadata."""
+def keda_model_problems(doc: dict[str, Any], where: str) -> Problems:
+    """KEDA's CRD as the cloudcoil models, and no field the models dropped (unknown to the CRD)."""
+    model_cls = {"ScaledObject": ScaledObject, "TriggerAuthentication": TriggerAuthentication}.get(
+        doc["kind"]
+    )
+    if model_cls is None:
+        return [f"{where}: no check for KEDA kind {doc['kind']!r} (add its model here)"]
     try:
-        model = ScaledObject.model_validate(doc)
+        model = model_cls.model_validate(doc)
     except ValidationError as exc:
         return [f"{where}: {err['loc']}: {err['msg']}" for err in exc.errors()]
-    problems = [
-        f"{where}: {p}: not a field of ScaledObject"
+    return [
+        f"{where}: {p}: not a field of {doc['kind']}"
         for p in dropped(doc, model.model_dump(by_alias=True, exclude_unset=True, mode="json"))
     ]
+
+
+def scaled_object_problems(doc: dict[str, Any], where: str) -> Problems:
+    """The CRD, each trigger's required metadata (free-form in the CRD), the HPA behaviour."""
+    problems = keda_model_problems(doc, where)
+    if problems:
+        return problems
     spec = doc["spec"]
     if spec.get("minReplicaCount", 0) > spec.get("maxReplicaCount", 100):
         problems.append(f"{where}: minReplicaCount > maxReplicaCount")
@@ -258,6 +273,8 @@ def scaled_object_problems(doc: dict[str, Any], where: str) -> Problems:
         ]
         if one_of and not any(keys <= metadata for keys in one_of):
             problems.append(f"{where}: triggers.{i} ({kind}): metadata needs one of {one_of}")
+        if kind == "redis" and not (trigger.get("authenticationRef") or "passwordFromEnv" in metadata):
+            problems.append(f"{where}: triggers.{i} (redis): no authenticationRef; Redis requires a password")
     behavior = ((spec.get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {}).get("behavior")
     if behavior is not None:
         hpa = {
@@ -308,13 +325,31 @@ def autoscaler_problems(docs: list[dict[str, Any]], where: str) -> Problems:
     return problems
 
 
+def reference_problems(docs: list[dict[str, Any]], where: str) -> Problems:
+    """KEDA's references: a trigger's TriggerAuthentication and the Secrets it reads exist."""
+    present = {key(doc) for doc in docs}
+    problems = []
+    for doc in docs:
+        spec = doc.get("spec") or {}
+        for trigger in spec.get("triggers") or [] if doc.get("kind") == "ScaledObject" else []:
+            ref = trigger.get("authenticationRef")
+            if ref and (ref.get("kind", "TriggerAuthentication"), ref.get("name")) not in present:
+                problems.append(f"{where}: {key(doc)} names {ref}, which is not defined")
+        for secret in spec.get("secretTargetRef") or [] if doc.get("kind") == "TriggerAuthentication" else []:
+            if ("Secret", secret.get("name")) not in present:
+                problems.append(
+                    f"{where}: {key(doc)} reads Secret {secret.get('name')!r}, which is not defined"
+                )
+    return problems
+
+
 def manifest_problems(path: Path, root: Path) -> Problems:
     """Everything checked about one file under deploy/ (root is the deploy directory)."""
     where = str(path.relative_to(root))
     if path.name == "kustomization.yaml":
         problems = kustomization_problems(path, root)
         docs = build(path.parent, problems)
-        return problems + autoscaler_problems(docs, where)
+        return problems + autoscaler_problems(docs, where) + reference_problems(docs, where)
     kpath = kustomization_of(path.parent)
     kustomization = load_one(kpath) if kpath else {}
     if path.name in patch_paths(kustomization or {}):
@@ -327,6 +362,8 @@ def manifest_problems(path: Path, root: Path) -> Problems:
             problems.append(f"{at}: not a Kubernetes object (apiVersion, kind, metadata)")
         elif doc["kind"] == "ScaledObject" and doc["apiVersion"].startswith("keda.sh/"):
             problems += scaled_object_problems(doc, at)
+        elif doc["apiVersion"].startswith("keda.sh/"):
+            problems += keda_model_problems(doc, at)
         else:
             problems += k8s_problems(doc, at)
         if where in ALTERNATIVES:
@@ -522,6 +559,26 @@ BROKEN: dict[str, tuple[Callable[[Path], Path], str]] = {
     "redis trigger without its list": (
         _edit_yaml("k8s-autoscaling/keda.yaml", lambda d: _trigger(d)["metadata"].pop("listName")),
         "metadata.listName is required",
+    ),
+    "redis trigger without the password": (
+        _edit_yaml("k8s-autoscaling/keda.yaml", lambda d: _trigger(d).pop("authenticationRef")),
+        "no authenticationRef; Redis requires a password",
+    ),
+    "trigger authentication that is not defined": (
+        _edit_yaml(
+            "k8s-autoscaling/keda.yaml", lambda d: _trigger(d)["authenticationRef"].update(name="redis")
+        ),
+        "'name': 'redis'}, which is not defined",
+    ),
+    "trigger authentication from a Secret that is not generated": (
+        _edit_yaml(
+            "k8s-autoscaling/keda.yaml", lambda d: d[1]["spec"]["secretTargetRef"][0].update(name="redis")
+        ),
+        "reads Secret 'redis', which is not defined",
+    ),
+    "trigger authentication field KEDA does not have": (
+        _edit_yaml("k8s-autoscaling/keda.yaml", lambda d: d[1]["spec"].update(secretRef=[])),
+        "spec.secretRef: not a field of TriggerAuthentication",
     ),
     "trigger type nobody checks": (
         _edit_yaml("k8s-autoscaling/keda.yaml", lambda d: _trigger(d).update(type="rabbitmq")),
