@@ -66,11 +66,11 @@ def compare(
     from dmipro.evaluation import EvalRequest, Evaluator
     from dmipro.executor_adapters import ExecutorAdapter, make_executor
     from dmipro.jobs import Job, JobStore, forget_runtime, load_job, register_runtime
-    from dmipro.jobs._load import build_program
+    from dmipro.jobs._load import instantiate
 
     loaded = job if isinstance(job, Job) else load_job(job)
     spec = loaded.spec
-    predictors = {name for name, _ in build_program(spec.program).named_predictors()}
+    predictors = {name for name, _ in instantiate(spec.program).named_predictors()}
     registry = Registry(url or get_settings().effective_database_url)
     spec_a, cand_a = _candidate(registry, a, predictors)
     spec_b, cand_b = _candidate(registry, b, predictors)

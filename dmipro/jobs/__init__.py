@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dmipro.jobs._load import Job, build_program, load_job, required_fields
+from dmipro.jobs._load import Job, instantiate, load_job, required_fields
 from dmipro.jobs.candidate import Candidate, apply_candidate, candidate_of, fingerprint
 from dmipro.jobs.runtime import JobRuntime, forget_runtime, get_runtime, register_runtime
 from dmipro.jobs.spec import (
@@ -31,7 +31,7 @@ __all__ = [
     "RegisterConfig",
     "RetryConfig",
     "apply_candidate",
-    "build_program",
+    "instantiate",
     "candidate_of",
     "fingerprint",
     "forget_runtime",

@@ -19,7 +19,7 @@ from dmipro.jobs.spec import JobSpec, LMConfig
 from dmipro.lm import SIM_OPTIONS
 from dmipro.refs import ensure_importable, import_ref, trusted_code_paths
 
-__all__ = ["Job", "JobSource", "build_program", "load_job", "parse_spec", "required_fields", "resolve_job"]
+__all__ = ["Job", "JobSource", "instantiate", "load_job", "parse_spec", "required_fields", "resolve_job"]
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,15 @@ def _spec_error(exc: ValidationError) -> JobSpecError:
     return JobSpecError(msg, field=loc or None)
 
 
-def build_program(ref: str, *, field: str = "program") -> Any:
-    """Import a program reference and return a fresh ``dspy.Module`` from it."""
+def instantiate(ref: str, *, field: str = "program") -> Any:
+    """Import a program reference through the allowlist and return a fresh ``dspy.Module`` from it.
+
+    A module instance is deep-copied (the shared object is never changed); a class or a
+    factory is called with no arguments. Every way this fails is a :class:`RefError` naming
+    ``field``. The one builder of programs from references: job validation, runtimes,
+    ``compile`` and storage (:func:`dmipro.storage.build_program` loads a record's state
+    into what this returns) all use it.
+    """
     import dspy
 
     obj = import_ref(ref, field=field)
@@ -145,12 +152,12 @@ def load_job(source: str | Path | dict[str, Any], *, base_dir: Path | None = Non
         raise _spec_error(exc) from None
     check_caps(spec)  # counts first: nothing is imported or loaded for a job this machine will not run
     ensure_importable(trusted_code_paths())  # never ``base``: a job bundle must not shadow real code
-    program = build_program(spec.program)
+    program = instantiate(spec.program)
     metric = import_ref(spec.metric, field="metric")
     if not callable(metric):
         raise RefError(f"{spec.metric} is a {type(metric).__name__}, not a callable metric", field="metric")
     if spec.optimizer.teacher is not None:  # every ref in a job is checked here, not first on a worker
-        build_program(spec.optimizer.teacher, field="optimizer.teacher")
+        instantiate(spec.optimizer.teacher, field="optimizer.teacher")
     _check_lm(spec.lm, "lm")
     if spec.prompt_lm is not None:
         _check_lm(spec.prompt_lm, "prompt_lm")

@@ -18,7 +18,7 @@ from dmipro.config import get_settings
 from dmipro.errors import JobSpecError, OptimizationError
 from dmipro.jobs._datasets import fingerprint_records
 from dmipro.jobs._limits import check_caps
-from dmipro.jobs._load import Job, build_program
+from dmipro.jobs._load import Job, instantiate
 from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.candidate import Candidate, apply_candidate, demo_dict, fingerprint
 from dmipro.jobs.plan import RunPlan, default_split, plan_run
@@ -123,7 +123,7 @@ class JobRuntime:
         self.spec = spec
         self.in_process = program is not None or metric is not None
         self.metric = metric if metric is not None else import_ref(spec.metric, field="metric")
-        self._base = program.deepcopy() if program is not None else build_program(spec.program)
+        self._base = program.deepcopy() if program is not None else instantiate(spec.program)
         self._teacher = teacher
         self.teacher_settings = dict(teacher_settings or {})
         self.dspy_settings = dict(dspy_settings if dspy_settings is not None else settings_of(spec))
@@ -169,7 +169,7 @@ class JobRuntime:
         if self._teacher is not None:
             return self._teacher.deepcopy()
         ref = self.spec.optimizer.teacher
-        return build_program(ref, field="optimizer.teacher") if ref else None
+        return instantiate(ref, field="optimizer.teacher") if ref else None
 
     @contextmanager
     def context(self, **overrides: Any) -> Iterator[None]:

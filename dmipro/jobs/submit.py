@@ -31,14 +31,14 @@ from dmipro.errors import (
     StorageError,
 )
 from dmipro.executor_adapters import REMOTE_BACKENDS, RemoteAdapter, remote_adapter
-from dmipro.jobs._load import Job, JobSource, build_program, resolve_job
+from dmipro.jobs._load import Job, JobSource, instantiate, resolve_job
 from dmipro.jobs._policy import check_lm_policy
 from dmipro.jobs.runtime import check_plan
 from dmipro.jobs.spec import JobSpec
 from dmipro.jobs.store import JobRecord, JobState, JobStore, check_job_id
 from dmipro.refs import ensure_importable, trusted_code_paths
 from dmipro.storage.database import DatabaseProgramStore
-from dmipro.storage.program import build_program as build_stored
+from dmipro.storage.program import build_program
 
 __all__ = [
     "REMOTE_EXECUTORS",
@@ -283,7 +283,7 @@ class JobHandle:
         program_id = (record.result or {}).get("program_id")
         if program_id:
             url = self._store.url
-            return build_stored(DatabaseProgramStore(url).load(program_id))
+            return build_program(DatabaseProgramStore(url).load(program_id))
         path = (record.result or {}).get("program_path")
         if not path:
             raise StorageError(f"job {self.job_id} succeeded but recorded no program")
@@ -292,7 +292,7 @@ class JobHandle:
                                "machine, and the job database holds no copy (it finished before programs "
                                "were kept there); load it from the registry")
         spec = JobSpec.model_validate(record.spec)
-        program = build_program(spec.program)
+        program = instantiate(spec.program)
         try:
             program.load(path)
         except Exception as exc:

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from dmipro.errors import DecodeError, DmiproError, StorageError
+from dmipro.errors import DecodeError, DmiproError, RefError, StorageError
 from dmipro.events import bus
 from dmipro.storage.directory import atomic_write
 from dmipro.storage.program import build_program, check_signatures, instantiate, predictor_signatures
@@ -134,7 +134,10 @@ def record_from_dspy_state(state: Mapping[str, Any], *, program_ref: str) -> Pro
         check_program_state(state)
     except ValueError as exc:
         raise DecodeError(f"not a DSPy program file: {exc}") from None
-    program = instantiate(program_ref)
+    try:
+        program = instantiate(program_ref)
+    except RefError as exc:
+        raise StorageError(f"cannot rebuild the program: {exc}") from exc
     check_signatures(program, state, None, program_ref=program_ref)
     versions = state["metadata"]["dependency_versions"]
     try:

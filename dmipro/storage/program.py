@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from dmipro.errors import DmiproError, RefError, StorageError
-from dmipro.refs import import_ref
+from dmipro.jobs._load import instantiate
 from dmipro.storage._state import lm_info, predictor_signatures, predictor_states, program_state, state_bytes
 from dmipro.storage.record import ProgramRecord, strip_predictor_lms
 
@@ -100,35 +100,6 @@ def _show(fields: Mapping[str, list[str]]) -> str:
     return f"{', '.join(fields.get('inputs', []))} -> {', '.join(fields.get('outputs', []))}"
 
 
-def instantiate(program_ref: str) -> dspy.Module:
-    """Import ``program_ref`` through the allowlist and make a fresh ``dspy.Module`` of it.
-
-    A module instance is deep-copied (the shared object is never changed); a class or a
-    factory is called with no arguments.
-    """
-    import dspy
-
-    try:
-        target = import_ref(program_ref, field="program")
-    except RefError as exc:
-        raise StorageError(f"cannot rebuild the program: {exc}") from exc
-    if isinstance(target, dspy.Module):
-        program = target.deepcopy()
-    elif callable(target):
-        try:
-            program = target()
-        except Exception as exc:
-            raise StorageError(
-                f"calling {program_ref} with no arguments raised {type(exc).__name__}: {exc}; "
-                "the program reference must be a dspy.Module, a class or a zero-argument factory"
-            ) from exc
-    else:
-        raise StorageError(f"{program_ref} is a {type(target).__name__}, not a dspy.Module, class or factory")
-    if not isinstance(program, dspy.Module):
-        raise StorageError(f"{program_ref} built a {type(program).__name__}, not a dspy.Module")
-    return program
-
-
 def build_program(record: ProgramRecord, *, program_ref: str | None = None) -> dspy.Module:
     """Rebuild the optimized program of ``record`` as a ready ``dspy.Module``.
 
@@ -138,7 +109,10 @@ def build_program(record: ProgramRecord, *, program_ref: str | None = None) -> d
     ``load_state`` runs, so a changed signature fails here with a message saying so.
     """
     ref = program_ref or record.metadata.program_ref
-    program = instantiate(ref)
+    try:
+        program = instantiate(ref)
+    except RefError as exc:
+        raise StorageError(f"cannot rebuild the program: {exc}") from exc
     check_signatures(program, record.program, record.metadata.signatures or None, program_ref=ref)
     state = copy.deepcopy(record.program)
     strip_predictor_lms(state)  # records are stripped when read; a built program never carries a file's LM

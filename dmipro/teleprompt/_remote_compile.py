@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmipro.errors import OptimizerArgumentError, RefError
 from dmipro.executor_adapters import ExecutorAdapter
-from dmipro.jobs._load import build_program
+from dmipro.jobs._load import instantiate
 from dmipro.jobs.runtime import ADAPTERS, capture_dspy_settings
 from dmipro.jobs.spec import OptimizerConfig
 from dmipro.jobs.submit import JobHandle, submit
@@ -53,7 +53,7 @@ def _program_ref(obj: Any, what: str) -> str:
         ) from None
     if isinstance(obj, dspy.Module):
         try:
-            rebuilt = build_program(ref, field=what)
+            rebuilt = instantiate(ref, field=what)
         except Exception as exc:
             raise OptimizerArgumentError(
                 f"{what}: {ref} does not rebuild the program ({exc}); pass a reference to its factory"

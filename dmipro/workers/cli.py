@@ -21,6 +21,7 @@ import typer
 from dmipro._cli_util import cli_errors, write_json
 from dmipro.defaults import COORDINATOR_QUEUE, WORK_QUEUE
 from dmipro.errors import ConfigError
+from dmipro.refs import ensure_importable, trusted_code_paths
 
 __all__ = [
     "cancel_cmd",
@@ -89,7 +90,6 @@ def worker_celery(
     gone (not in the queue, not held by a live worker, no lease) and the
     job row has not changed for DMIPRO_RECONCILE_GRACE seconds (default 60).
     """
-    from dmipro.refs import ensure_importable, trusted_code_paths
     from dmipro.workers.celery_app import get_app
 
     # Per-process setup (observability included) runs in the processes that execute tasks:
