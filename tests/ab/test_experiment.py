@@ -61,7 +61,9 @@ def test_the_lifecycle_create_assign_record_analyze_promote(database_url: str,
         assert set(result[arm_name]) >= {"version", "n", "mean", "ci_low", "ci_high"}
         assert result[arm_name]["ci_low"] <= result[arm_name]["mean"] <= result[arm_name]["ci_high"]
     assert result["control"]["n"] + result["treatment"]["n"] == 3000 == result["units"]
-    assert result["lift_ci_low"] <= result["lift"] <= result["lift_ci_high"]
+    # The reported interval is the running intersection of the confidence sequence: valid at every
+    # look, it need not contain the latest point estimate, only lie on the effect's side of zero.
+    assert 0 < result["lift_ci_low"] <= result["lift_ci_high"] and result["lift"] > 0
     assert result["decision"] == "treatment" and result["p_value"] <= 0.05
     assert result["srm_p_value"] > 0.001 and not result["srm"]
     assert result["guardrails"]["latency_ms"]["vetoed"] is False
