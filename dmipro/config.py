@@ -94,6 +94,9 @@ class Settings(BaseModel):
     """Extra modules a worker imports so their task bodies register (each within ``allowed_modules``)."""
     otel_export_file: str = Field(default="", description="DMIPRO_OTEL_EXPORT_FILE")
     """A JSON-lines file (``{pid}`` is replaced) every finished span is also written to."""
+    shutdown_grace: float = Field(default=0.0, ge=0, description="DMIPRO_SHUTDOWN_GRACE")
+    """Seconds a Celery worker told to stop (SIGTERM) lets its running tasks finish before it gives
+    them back to the broker and exits; 0 waits for them however long they take (Celery's warm shutdown)."""
 
     @field_validator("allowed_modules", "subscribers", "allowed_key_envs", "allowed_api_hosts", "data_roots",
                      "code_paths", "task_modules",
@@ -146,7 +149,8 @@ class Settings(BaseModel):
             ) from exc
 
 
-_BLANK_IS_DEFAULT = frozenset({"visibility_timeout", "lease_ttl", "stale_after", "log_level"})
+_BLANK_IS_DEFAULT = frozenset({"visibility_timeout", "lease_ttl", "stale_after", "log_level",
+                               "shutdown_grace"})
 """Settings an empty environment variable leaves at their default (``DMIPRO_LEASE_TTL=``)."""
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s'\"]*):[^\s'\"]*@")

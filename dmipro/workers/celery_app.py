@@ -246,6 +246,40 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         start_reconciler("celery", _reconciler_stop)
 
 
+def _on_worker_shutting_down(how: str | None = None, **_: Any) -> None:
+    # Warm shutdown (SIGTERM) waits for every running task; a task stuck in a metric that never
+    # returns would hold the worker until the kubelet's SIGKILL, and its message until the
+    # visibility timeout. With a grace, stuck tasks go back to the broker at its end.
+    grace = get_settings().shutdown_grace
+    if how == "Warm" and grace > 0:
+        threading.Thread(target=_give_back_after, args=(grace,), name="dmipro-shutdown-grace",
+                         daemon=True).start()
+
+
+def _give_back_after(grace: float) -> None:
+    """Wait ``grace`` seconds for the running tasks; then requeue every task this worker holds and exit.
+
+    Bodies are idempotent and the coordinator consumes each task id once, so a task given back
+    mid-run is simply run again elsewhere. The process exits at once (``os._exit``): a stuck
+    thread cannot be stopped, and a normal exit would wait for it.
+    """
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not worker_state.active_requests:
+            return  # everything finished in time: Celery's warm shutdown completes normally
+        time.sleep(0.1)
+    held = list(worker_state.reserved_requests)
+    log.error("%d task(s) still running %gs after the worker was told to stop; giving them back to the "
+              "broker and exiting", len(held), grace)
+    for request in held:
+        try:
+            request.reject(requeue=True)
+        except Exception as exc:  # the broker unreachable: the visibility timeout brings it back instead
+            log.warning("giving back task %s failed: %s", request.id, exc)
+    logging.shutdown()
+    os._exit(1)
+
+
 def _on_worker_shutdown(**_: Any) -> None:
     _reconciler_stop.set()
     if _leases is not None:
@@ -305,3 +339,4 @@ signals.worker_process_init.connect(_on_worker_process_init, weak=False)
 signals.worker_init.connect(_on_worker_init, weak=False)
 signals.worker_ready.connect(_on_worker_ready, weak=False)
 signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+signals.worker_shutting_down.connect(_on_worker_shutting_down, weak=False)

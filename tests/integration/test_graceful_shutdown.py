@@ -9,12 +9,14 @@ with exactly the result of an undisturbed run, and no task counts twice.
 from __future__ import annotations
 
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 from dmipro.jobs import JobStore
 from dmipro.jobs.submit import submit
-from tests.contract.workers import wait_for
+from tests.contract.workers import celery_worker, wait_for
 from tests.integration.conftest import CrashStack
 from tests.integration.test_crash import TRIALS, crash_job, finish, reference, scored
 
@@ -51,3 +53,36 @@ def test_a_work_worker_stopped_with_sigterm_finishes_its_tasks_and_loses_nothing
     assert result["best_candidate"] == expected["best_candidate"]
     assert result["lm_calls"] == expected["lm_calls"]
     assert result["trial_logs"] == expected["trial_logs"]
+
+
+def test_a_task_stuck_past_the_grace_is_given_back_and_the_worker_exits(
+    crash_stack: CrashStack, tmp_path: Path
+) -> None:
+    import tests.fixtures.tasks  # noqa: F401  (the stuck task's body, so the adapter can ship it)
+    from dmipro.executor_adapters.celery import CeleryAdapter
+
+    # A visibility timeout of an hour: the task can only come back because the worker gives it back.
+    env = {**crash_stack.env, "DMIPRO_VISIBILITY_TIMEOUT": "3600", "DMIPRO_SHUTDOWN_GRACE": "2"}
+    queue = "dmipro.test-stuck"
+    first = celery_worker(env, tmp_path, queues=queue, concurrency=2, tag="stuck").start()
+    first.wait_ready()
+    marker = tmp_path / "marker"
+    with CeleryAdapter(2, queue=queue) as adapter:
+        future = adapter.submit("tests.stuck_once", {"marker": str(marker)})
+        wait_for(marker.exists, 60, "the task to start")
+        assert first.proc is not None
+        first.proc.terminate()  # SIGTERM, as the kubelet sends it
+        t0 = time.monotonic()
+        try:
+            first.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            pytest.fail(f"the worker still ran 30 s after SIGTERM with a 2 s grace\n{first.log_tail(50)}")
+        assert time.monotonic() - t0 < 20
+        assert "giving them back to the broker" in first.log_tail(100)
+        second = celery_worker(env, tmp_path, queues=queue, concurrency=2, tag="stuck-next").start()
+        try:
+            second.wait_ready()
+            assert future.result(timeout=60) == {"delivery": "again"}  # run again elsewhere, at once
+        finally:
+            second.stop()
