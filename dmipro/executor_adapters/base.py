@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 from dmipro.errors import ExecutorError
 from dmipro.executor_adapters.task_table import decode_payload, encode_payload, get_task
+from dmipro.lm.faults import FaultCounts
+from dmipro.lm.usage import Usage
 from dmipro.tracing import inject
 
 __all__ = ["ExecutorAdapter", "decode_payload", "encode_payload"]
@@ -74,6 +76,19 @@ class ExecutorAdapter:
         finally:
             for fut in pending:
                 fut.cancel()
+
+    def gather(
+        self, task: str, payloads: list[dict[str, Any]], usage: Usage, faults: FaultCounts | None = None
+    ) -> list[dict[str, Any]]:
+        """Run ``task`` on every payload; the results in payload order, their LM usage (and fault
+        counts) added to ``usage`` (and ``faults``) as each one arrives."""
+        results: list[dict[str, Any]] = [{} for _ in payloads]
+        for i, res in self.map(task, payloads):
+            usage.add(Usage.from_json(res.get("usage")))
+            if faults is not None:
+                faults.add(FaultCounts.from_json(res.get("faults")))
+            results[i] = res
+        return results
 
     def _ship(self, task: str, body: str) -> Future[dict[str, Any]]:
         """Send one encoded task; return a future of its decoded result."""

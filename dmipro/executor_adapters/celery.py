@@ -35,7 +35,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -168,18 +168,20 @@ def make_app(broker_url: str | None = None, result_backend: str | None = None) -
     return app
 
 
-_apps: dict[tuple[str, str], Celery] = {}
+_apps: dict[tuple[Callable[..., Celery], str, str], Celery] = {}
 _apps_lock = threading.Lock()
 
 
-def get_app() -> Celery:
-    """This process's client app for the current settings' broker and result backend."""
+def get_app(factory: Callable[[str, str], Celery] | None = None) -> Celery:
+    """This process's app for the current settings' broker and result backend, built once by
+    ``factory`` (by default :func:`make_app`, a client's app; workers pass theirs)."""
     settings = get_settings()
-    key = (settings.broker_url, settings.result_backend)
+    build = factory or make_app
+    key = (build, settings.broker_url, settings.result_backend)
     with _apps_lock:
         app = _apps.get(key)
         if app is None:
-            app = _apps[key] = make_app(*key)
+            app = _apps[key] = build(settings.broker_url, settings.result_backend)
         return app
 
 

@@ -49,17 +49,6 @@ class GroundedProposer:
         self.opt = runtime.spec.optimizer
         self.seed = self.opt.seed
 
-    def _map(
-        self, task: str, payloads: list[dict[str, Any]], stats: Usage, faults: FaultCounts | None = None
-    ) -> list[dict[str, Any]]:
-        results: list[dict[str, Any]] = [{} for _ in payloads]
-        for i, res in self.executor.map(task, payloads):
-            stats.add(Usage.from_json(res.get("usage")))
-            if faults is not None:
-                faults.add(FaultCounts.from_json(res.get("faults")))
-            results[i] = res
-        return results
-
     def propose(self, stats: PhaseStats, demo_sets: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
         """Propose ``num_instructions`` candidates per predictor (index 0: the original instruction)."""
         program = self.runtime.fresh_program()
@@ -175,7 +164,7 @@ class GroundedProposer:
                         "temperature": opt.init_temperature,
                     }
                 )
-        results = self._map("propose_instruction", payloads, stats.prompt_lm, stats.faults)
+        results = self.executor.gather("propose_instruction", payloads, stats.prompt_lm, stats.faults)
         stats.depth = sum(1 for wave in (wave1, wave2, payloads) if wave)
         for res in sorted(results, key=lambda r: (self.predictors.index(r["predictor"]), r["index"])):
             instructions[res["predictor"]].append(res["instruction"])

@@ -123,17 +123,6 @@ class Coordinator:
             total.add(p.task_lm).add(p.prompt_lm)
         return total
 
-    def _map(
-        self, task: str, payloads: list[dict[str, Any]], stats: Usage, faults: FaultCounts | None = None
-    ) -> list[dict[str, Any]]:
-        results: list[dict[str, Any]] = [{} for _ in payloads]
-        for i, res in self.executor.map(task, payloads):
-            stats.add(Usage.from_json(res.get("usage")))
-            if faults is not None:
-                faults.add(FaultCounts.from_json(res.get("faults")))
-            results[i] = res
-        return results
-
     def cancelled(self) -> bool:
         return self.store.cancel_requested(self.job_id)
 
@@ -336,7 +325,7 @@ class Coordinator:
             for p in plans
             if p.kind != "zeroshot"
         ]
-        for res in self._map("bootstrap_demo_set", payloads, stats.task_lm, stats.faults):
+        for res in self.executor.gather("bootstrap_demo_set", payloads, stats.task_lm, stats.faults):
             sets[int(res["index"])] = res["demos"]
             depth = res.get("depth")  # a speculative bootstrap's chain is shorter than its calls
             calls = Usage.from_json(res.get("usage")).calls

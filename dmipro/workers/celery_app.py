@@ -77,19 +77,9 @@ def make_app(broker_url: str | None = None, result_backend: str | None = None) -
     return app
 
 
-_apps: dict[tuple[str, str], Celery] = {}
-_apps_lock = threading.Lock()
-
-
 def get_app() -> Celery:
     """This process's worker app for the current settings' broker and result backend."""
-    settings = get_settings()
-    key = (settings.broker_url, settings.result_backend)
-    with _apps_lock:
-        app = _apps.get(key)
-        if app is None:
-            app = _apps[key] = make_app(*key)
-        return app
+    return protocol.get_app(make_app)
 
 
 def __getattr__(name: str) -> Any:
