@@ -262,7 +262,7 @@ def jobs(
     as_json: JsonFlag = False,
 ) -> None:
     """List the newest jobs in the job database: state, phase, trials, best score."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     # Deferred for start-up time: dmipro.jobs loads DSPy; `dmipro --help` and the other commands must not.
     from dmipro.jobs import JobStore
@@ -271,19 +271,25 @@ def jobs(
     if as_json:
         emit_json([r.to_json() | {"result": None} for r in records])
         return
-    table = Table("job", "state", "phase", "trials", "best", "created")
+    # Whole ids, on a terminal or not: a truncated id cannot be pasted into `dmipro status`.
+    table = Table(Column("job", no_wrap=True, min_width=max((len(r.id) for r in records), default=3)),
+                  "state", "phase", "trials", "best", "created")
     for r in records:
         p = r.progress
         best = p.get("best_score")
         table.add_row(
             r.id,
             r.state.value,
-            r.phase or "",
+            "done" if r.state.value == "succeeded" else r.phase or "",
             f"{p.get('trials_done', 0)}/{p.get('trials_total', '?')}",
             "" if best is None else f"{best:.2f}",
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: no terminal width to fit, so never squeeze a column
+        wide = console.options.update(max_width=10_000)
+        console = Console(width=max(console.width, console.measure(table, options=wide).maximum))
+    console.print(table)
 
 
 @app.command()

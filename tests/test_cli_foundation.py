@@ -229,3 +229,16 @@ def test_a_bad_settings_file_is_reported_like_any_other_error(
     code, out, err = run_main(capsys, "validate", str(JOB_FILE))
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and "not valid YAML" in err
+
+
+def test_jobs_shows_whole_ids_when_piped(dmipro_home: Path) -> None:
+    from dmipro.jobs import JobState, JobStore
+
+    store = JobStore()
+    long_id = "a-rather-long-job-name-for-the-nightly-math-qa-run-" + "0123456789ab"
+    store.create(name="nightly", spec={"name": "nightly"}, executor="thread", job_id=long_id)
+    store.finish(long_id, JobState.SUCCEEDED, result={})
+    proc = dmipro_cli("jobs", home=dmipro_home, COLUMNS="60")  # piped, and a narrow width asked for
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [line for line in proc.stdout.splitlines() if "succeeded" in line]
+    assert long_id in row and "done" in row, proc.stdout
