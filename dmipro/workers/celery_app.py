@@ -53,6 +53,7 @@ from dmipro.workers.setup import import_task_modules, setup_worker_process
 with guarded(extra="celery", purpose="the Celery worker"):
     import redis
     from celery import Celery, Task, signals
+    from celery.utils.saferepr import saferepr
     from celery.worker import state as worker_state
     from kombu.transport import redis as kombu_redis
 
@@ -132,8 +133,17 @@ def _register_optimize(app: Celery) -> None:
         task_id = self.request.id
 
         def on_progress(progress: dict[str, Any]) -> None:
-            if task_id:
-                self.update_state(task_id=task_id, state="PROGRESS", meta=_jsonable(progress))
+            if not task_id:
+                return
+            meta = _jsonable(progress)
+            self.update_state(task_id=task_id, state="PROGRESS", meta=meta)
+            # Flower's task list and API follow events, not the result backend: a custom
+            # task-progress event sets the task's state to PROGRESS and its result column to the
+            # progress (phase, trials, best score, LM use), until task-succeeded replaces it.
+            try:
+                self.send_event("task-progress", result=saferepr(meta))
+            except Exception as exc:  # monitoring must never fail the job
+                log.warning("sending the progress event failed: %s", exc)
 
         with tracing.attach(_trace_of(self.request)), protocol.child_tasks_of(task_id):
             try:

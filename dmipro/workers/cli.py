@@ -242,4 +242,6 @@ def flower_cmd(
                           "arguments and results to anyone who reaches it; export "
                           "FLOWER_BASIC_AUTH=user:password or bind 127.0.0.1")
     argv = ["flower", f"--port={port}", f"--address={address}", f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
-    get_app().start(argv)
+    app = get_app()
+    app.set_current()  # Flower's task-result API reads the current app's result backend
+    app.start(argv)

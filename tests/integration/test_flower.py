@@ -83,7 +83,7 @@ def running_flower(stack: Stack, tmp_path: Path, how: str) -> Iterator[Flower]:
 
 @pytest.fixture
 def flower(celery_stack: Stack, tmp_path: Path) -> Iterator[Flower]:
-    with running_flower(celery_stack, tmp_path, "celery") as client:
+    with running_flower(celery_stack, tmp_path, "dmipro") as client:
         yield client
 
 
@@ -97,9 +97,9 @@ def _result(task: dict[str, Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else ast.literal_eval(value)
 
 
-def test_dmipro_flower_lists_the_workers_with_job_columns(celery_stack: Stack, tmp_path: Path) -> None:
+def test_celery_flower_lists_the_workers_with_job_columns(celery_stack: Stack, tmp_path: Path) -> None:
     worker = celery_stack.workers["celery"][0].name
-    with running_flower(celery_stack, tmp_path, "dmipro") as flower:
+    with running_flower(celery_stack, tmp_path, "celery") as flower:
         wait_for(lambda: any(worker in k for k in flower.get("/api/workers?refresh=1")), 30,
                  "flower to list the worker")
         assert _task_columns(flower) == FLOWER_TASK_COLUMNS.split(",")
@@ -139,15 +139,21 @@ def test_flower_shows_workers_tasks_and_progress(flower: Flower, celery_stack: S
     optimize_id = coordinator_task_id(handle.job_id)
     event_states: set[str] = set()
     result_states: set[str] = set()
+    progress: list[dict[str, Any]] = []
     while not handle.record.state.finished:  # read the API while the job runs
         task = flower.get("/api/tasks?taskname=dmipro.optimize").get(optimize_id)
         if task:
             event_states.add(task["state"])
+            if task["state"] == "PROGRESS":  # what the task list's state and result columns show
+                progress.append(_result(task))
         result_states.add(flower.get(f"/api/task/result/{optimize_id}")["state"])
     assert handle.wait(timeout=60)["state"] == "succeeded"
-    assert "STARTED" in event_states, event_states
-    # The coordinator's progress is its task state (the meta is tested in test_celery.py).
+    assert "PROGRESS" in event_states, event_states  # the task list followed the coordinator live
+    # The coordinator's live state carries the job's phase, trials done of total and LM use.
     assert "PROGRESS" in result_states, result_states
+    search = [p for p in progress if p["phase"] == "search"]
+    assert search and all(p["trials_total"] == 4 and {"trials_done", "best_score", "lm_calls", "lm_errors",
+                                                       "cost_usd"} <= set(p) for p in search), progress
     # The job row is finished a moment before the task's return value reaches the result backend.
     final = wait_for(lambda: (r := flower.get(f"/api/task/result/{optimize_id}"))["state"] == "SUCCESS" and r,
                      30, "the coordinator's result in the backend")
