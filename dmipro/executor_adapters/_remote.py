@@ -57,6 +57,7 @@ def new_task_id(job_id: str | None = None, task: str | None = None) -> str:
     unique = uuid.uuid4().hex
     if not job_id or not task:
         return unique
+    unique = unique[:16]  # 64 random bits: unique among a job's tasks, short enough for Flower's list
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{job_id}-{task}") + "-" + unique
 
 
