@@ -188,6 +188,16 @@ class Coordinator:
         baseline = self._prefetch_baseline(program)
         study = self._background(self._open_study, "dmipro-study")
         try:
+            return self._search_after_phases(study, baseline, start)
+        finally:
+            # However the run ended, close the study's storage once it is open (now, or when the
+            # opening thread finishes): an app running optimizations one after another must not
+            # keep a database connection per run.
+            study.add_done_callback(lambda f: None if f.exception() else f.result().close())
+
+    def _search_after_phases(self, study: Future[Study], baseline: Future[EvaluationResult] | None,
+                             start: float) -> OptimizationResult:
+        try:
             demo_sets = self._phase("bootstrap", self._bootstrap)["demo_sets"]
             proposer = GroundedProposer(
                 self.job_id,

@@ -275,6 +275,18 @@ class Study:
             log.warning("could not write the study attributes of %s", name, exc_info=True)
         return full
 
+    def close(self) -> None:
+        """Finish the pending attribute writes and close the storage's database connections."""
+        for pending in list(self._pending.values()):
+            try:
+                pending.result()
+            except Exception:  # readable extras only; the trial itself is told already
+                log.warning("a trial's attributes were not written", exc_info=True)
+        self._pending.clear()
+        if self._full is not None:
+            self._full.exception()  # wait for the companion to be opened before closing under it
+        self._storage.engine.dispose()
+
     def use(self, space: SearchSpace) -> None:
         """Put the real candidates in place of a shaped space; the dimensions must not change."""
         if space.distributions() != self.space.distributions():
