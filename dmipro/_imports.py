@@ -26,7 +26,7 @@ from types import ModuleType
 
 from dmipro.errors import ConfigError
 
-__all__ = ["available", "guarded", "missing_extra_error", "try_import"]
+__all__ = ["guarded", "missing_extra_error", "try_import"]
 
 
 def missing_extra_error(extra: str, purpose: str, exc: ImportError) -> ConfigError:
@@ -50,12 +50,3 @@ def guarded(*, extra: str, purpose: str) -> Iterator[None]:
         yield
     except ImportError as exc:
         raise missing_extra_error(extra, purpose, exc) from exc
-
-
-def available(module: str) -> bool:
-    """Whether ``module`` imports (for optional features that degrade instead of failing)."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True

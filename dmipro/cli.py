@@ -280,7 +280,7 @@ def jobs(
         table.add_row(
             r.id,
             r.state.value,
-            "done" if r.state.value == "succeeded" else r.phase or "",
+            r.shown_phase or "",
             f"{p.get('trials_done', 0)}/{p.get('trials_total', '?')}",
             "" if best is None else f"{best:.2f}",
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),

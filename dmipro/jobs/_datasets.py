@@ -12,7 +12,7 @@ from dmipro.config import get_settings
 from dmipro.errors import DatasetError
 from dmipro.refs import import_ref, is_ref
 
-__all__ = ["fingerprint_records", "load_records"]
+__all__ = ["dataset_digest", "fingerprint_records", "load_records"]
 
 _SUFFIXES = (".jsonl", ".json", ".csv")
 
@@ -107,7 +107,11 @@ def _from_ref(ref: str, field: str) -> list[Any]:
     return list(obj)
 
 
+def dataset_digest(records: list[Any]) -> str:
+    """The SHA-256 (hex) of a dataset's canonical JSON: what the job store keys it by."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def fingerprint_records(records: list[dict[str, Any]]) -> str:
-    """A short stable hash of a dataset's content."""
-    digest = hashlib.sha256(json.dumps(records, sort_keys=True, separators=(",", ":")).encode())
-    return digest.hexdigest()[:16]
+    """A short stable hash of a dataset's content (the first 16 digits of its digest)."""
+    return dataset_digest(records)[:16]

@@ -61,7 +61,7 @@ class RetryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    deadline_s: float = Field(default=600.0, gt=0)
+    deadline_s: float = Field(default=defaults.LM_DEADLINE_S, gt=0)
     max_attempts: int | None = Field(default=None, ge=1)
     initial_backoff_s: float = Field(default=0.5, gt=0)
     max_backoff_s: float = Field(default=30.0, gt=0)

@@ -12,8 +12,6 @@ data. :meth:`JobStore.job_spec` gives the spec with the datasets back in place.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import threading
@@ -31,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from dmipro import defaults
 from dmipro.db import Base, get_engine
 from dmipro.errors import JobNotFoundError, JobSpecError
+from dmipro.jobs._datasets import dataset_digest
 
 __all__ = ["DATASET_REF", "JobRecord", "JobState", "JobStore", "check_job_id", "new_job_id", "stored_form"]
 
@@ -122,10 +121,6 @@ def check_job_id(job_id: object) -> str:
     return job_id
 
 
-def _digest(records: list[Any]) -> str:
-    return hashlib.sha256(json.dumps(records, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def stored_form(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """``spec`` as a job row holds it (each inline split replaced by its reference), and the splits by digest.
 
@@ -137,7 +132,7 @@ def stored_form(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[An
     for split in _SPLITS:
         records = spec.get(split)
         if isinstance(records, list):
-            digest = _digest(records)
+            digest = dataset_digest(records)
             data[digest] = records
             stored[split] = DATASET_REF + digest
     return stored, data
@@ -167,6 +162,11 @@ class JobRecord:
     started_at: float | None
     finished_at: float | None
     updated_at: float
+
+    @property
+    def shown_phase(self) -> str | None:
+        """The phase to show: ``done`` once the job succeeded (the row keeps its last phase)."""
+        return "done" if self.state is JobState.SUCCEEDED else self.phase
 
     def to_json(self, *, with_spec: bool = False) -> dict[str, Any]:
         data = asdict(self)

@@ -172,8 +172,7 @@ def status_of(record: JobRecord) -> dict[str, Any]:
         "job_id": record.id,
         "name": record.name,
         "state": record.state.value,
-        # A finished search leaves its last phase in the row; a succeeded job is simply done.
-        "phase": "done" if record.state is JobState.SUCCEEDED else record.phase,
+        "phase": record.shown_phase,
         "executor": record.executor,
     }
     report.update({key: progress.get(key) for key in _STATUS_FROM_PROGRESS})

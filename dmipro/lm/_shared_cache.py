@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from dmipro import defaults
 from dmipro._imports import try_import
 
 __all__ = ["RoutingCache", "SharedCache", "share_cache", "shared_cache_stats"]
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 PREFIX = "dmipro:lmcache:"
 """Redis keys: ``<prefix>r:<dspy key>`` responses, ``<prefix>l:<dspy key>`` in-flight locks,
 ``<prefix>stats:<job>`` per-job counters."""
-TTL_S = 7 * 24 * 3600
+TTL_S = defaults.SHARED_LM_CACHE_TTL_S
 """Responses expire after a week (a cache, not a store)."""
 
 

@@ -99,13 +99,11 @@ def _records(examples: list[Any], split: str) -> tuple[list[dict[str, Any]], lis
                 "input keys for every example"
             )
         for field, value in data.items():
-            try:
-                json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError):
+            if not _is_json(value):
                 raise OptimizerArgumentError(
                     f"{where}.{field} is not JSON ({type(value).__name__}); remote workers receive examples "
                     "as JSON: store plain values and rebuild objects in the metric, or use executor='thread'"
-                ) from None
+                )
         records.append(data)
     return records, keys or []
 
@@ -126,12 +124,8 @@ def _lm_config(lm: Any, what: str) -> dict[str, Any]:
     for key, value in kwargs.items():
         if value is None:
             continue
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError):
-            raise OptimizerArgumentError(
-                f"{what}: setting {key!r} is not JSON and cannot reach workers"
-            ) from None
+        if not _is_json(value):
+            raise OptimizerArgumentError(f"{what}: setting {key!r} is not JSON and cannot reach workers")
         config[key] = value
     for key in ("cache", "num_retries"):
         if getattr(lm, key, None) is not None:
@@ -178,15 +172,22 @@ def _crossing_settings(captured: dict[str, Any]) -> dict[str, Any]:
                 "objects and cannot reach remote workers; install them in the worker processes, or use "
                 "executor='thread'"
             )
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError):
+        if not _is_json(value):
             raise OptimizerArgumentError(
                 f"the DSPy setting {key!r} ({type(value).__name__}) is not JSON and cannot reach remote "
                 "workers"
-            ) from None
+            )
         out[key] = value
     return out
+
+
+def _is_json(value: Any) -> bool:
+    """Whether ``value`` is plain JSON (what a job spec, and so a remote worker, can carry)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _same(a: Any, b: Any) -> bool:
