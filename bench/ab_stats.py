@@ -117,10 +117,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ab_stats.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    import matplotlib
+    from bench._plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     pk = result["peeking"]

@@ -481,10 +481,9 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def plot(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path, latency_ms: float) -> None:
-    import matplotlib
+    from bench._plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     concs = list(summary)
     ncols = max(2, len(concs))

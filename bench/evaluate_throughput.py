@@ -147,10 +147,9 @@ def run(
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from bench._plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report["results"]
     cs = [r["concurrency"] for r in rows]

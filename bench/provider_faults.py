@@ -215,10 +215,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from bench._plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = data["runs"]
     names = list(dict.fromkeys(r["scenario"] for r in runs))

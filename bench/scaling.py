@@ -727,10 +727,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from bench._plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = data["runs"]
     n = [r["workers"] for r in runs]
@@ -756,10 +755,9 @@ def _plot(data: dict[str, Any], path: Path) -> None:
 
 
 def _plot_heavy(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from bench._plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = data["runs"]
     n = [r["workers"] for r in runs]
@@ -792,10 +790,9 @@ def _plot_heavy(data: dict[str, Any], path: Path) -> None:
 
 
 def _plot_many(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from bench._plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = data["runs"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))

@@ -172,10 +172,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from bench._plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = data["rows"]
     fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * max(1, len(rows)), 4), squeeze=False)
