@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import dmipro.config
-from dmipro.config import reload_settings
+from dmipro.config import get_settings, reload_settings
 
 pytest_plugins = ["tests.subscribers._support"]  # shared fixtures: quiet_otel, recorded_events
 
@@ -85,6 +85,16 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The configured database, on SQLite and on PostgreSQL (subprocesses inherit it through the env)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        monkeypatch.setenv("DMIPRO_DATABASE_URL", url)
+        reload_settings()
+    return get_settings().effective_database_url
 
 
 @pytest.fixture(scope="session")

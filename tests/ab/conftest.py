@@ -1,4 +1,4 @@
-"""Fixtures for the A/B suite: the configured database on SQLite and PostgreSQL, two registered versions."""
+"""Fixtures for the A/B suite: two registered versions (the database comes from ``database_url``)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,11 @@ import pytest
 
 import dmipro.registry as registry
 from dmipro.ab import _recorder
-from dmipro.config import get_settings, reload_settings
 from dmipro.storage import ProgramRecord
 from examples.math_qa.program import build
 
 REPO = Path(__file__).resolve().parents[2]
 REF = "examples.math_qa.program:build"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The database the A/B API uses; subprocesses inherit it through the environment."""
-    if request.param == "postgres":
-        url = request.getfixturevalue("postgres_url")
-        monkeypatch.setenv("DMIPRO_DATABASE_URL", url)
-        reload_settings()
-    return get_settings().effective_database_url
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,23 +19,12 @@ from dmipro import observability
 from dmipro.config import Settings, reload_settings
 from dmipro.subscribers.langfuse import trace_id
 from tests.ab.conftest import REPO, register_two, subprocess_env
-from tests.subscribers._support import FakeLangfuse
+from tests.subscribers._support import FakeLangfuse, metric_points
 
 
 @pytest.fixture(autouse=True)
 def _quiet(quiet_otel: None) -> None:
     """OTLP export off; subscribers switched off after each test."""
-
-
-def _metrics(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    data = reader.get_metrics_data()
-    assert data is not None
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                out.setdefault(metric.name, []).extend(metric.data.data_points)
-    return out
 
 
 def _run(n: int = 400) -> Counter[str]:
@@ -67,7 +55,7 @@ def test_otel_counts_outcomes_per_arm_and_alerts_on_a_regression() -> None:
                                metric_readers=[reader]) == ("otel",)
     arms = _run()
     observability.flush()
-    metrics = _metrics(reader)
+    metrics = metric_points(reader)
     outcomes = {p.attributes["dmipro.ab.arm"]: p.value for p in metrics["dmipro.ab.outcomes"]
                 if p.attributes["dmipro.ab.experiment"] == "obs"}
     assert outcomes == {"control": arms["control"], "treatment": arms["treatment"]}

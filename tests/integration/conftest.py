@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import tests.contract.tasks  # noqa: F401  (registers contract.* in this process too)
 import tests.fixtures.tasks  # noqa: F401
 from dmipro.config import reload_settings
+from dmipro.jobs import JobStore
+from dmipro.jobs.store import eval_cache_table
 from tests.contract.workers import (
     Stack,
     WorkerProcess,
@@ -64,6 +67,17 @@ def small_job(*, latency_ms: float = 0.0, val: int = 20, **optimizer: Any) -> di
         optimizer=opt,
         executor={"backend": "celery", "concurrency": 4},
     )
+
+
+def scored(job_id: str, at_least: int) -> bool:
+    """True once the search has cached ``at_least`` example scores (more evaluations are in flight)."""
+    store = JobStore()
+    record = store.get(job_id)
+    if record.state.finished:
+        pytest.fail(f"the job finished before the fault was injected: {record.state.value} {record.error}")
+    with store.engine.connect() as conn:
+        n = conn.execute(sa.select(sa.func.count()).where(eval_cache_table.c.job_id == job_id)).scalar_one()
+    return record.phase == "search" and n >= at_least
 
 
 CRASH_DB = 13

@@ -43,7 +43,7 @@ from tests.contract.workers import (
     wait_for,
 )
 from tests.fixtures.poison import COUNTER, POISON_ENV
-from tests.integration.conftest import small_job
+from tests.integration.conftest import scored, small_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -286,21 +286,6 @@ def reference() -> dict[str, Any]:
             run_job(record.id, executor=ex)
         _REFERENCE.update(JobStore().get(record.id).result or {})
     return _REFERENCE
-
-
-def scored(job_id: str, at_least: int) -> bool:
-    """True once the search has cached ``at_least`` example scores (more are in flight)."""
-    import sqlalchemy as sa
-
-    from dmipro.jobs.store import eval_cache_table as t
-
-    store = JobStore()
-    record = store.get(job_id)
-    if record.state.finished:
-        pytest.fail(f"the job finished before the chaos: {record.state.value} {record.error}")
-    with store.engine.connect() as conn:
-        n = conn.execute(sa.select(sa.func.count()).where(t.c.job_id == job_id)).scalar_one()
-    return record.phase == "search" and n >= at_least
 
 
 def finish(handle: JobHandle, chaos: Chaos, timeout: float = 150) -> dict[str, Any]:

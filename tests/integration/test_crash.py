@@ -20,7 +20,7 @@ from dmipro.jobs import JobStore, load_job
 from dmipro.jobs.submit import JobHandle, JobTimeoutError, submit
 from dmipro.teleprompt.mipro import run_job
 from tests.contract.workers import wait_for
-from tests.integration.conftest import CrashStack, small_job
+from tests.integration.conftest import CrashStack, scored, small_job
 
 pytestmark = pytest.mark.integration
 
@@ -40,19 +40,16 @@ def reference() -> dict[str, Any]:
     return dict(JobStore().get(record.id).result or {})
 
 
-def scored(job_id: str, at_least: int) -> bool:
-    """True once the search has cached ``at_least`` example scores (more evaluations are in flight)."""
-    import sqlalchemy as sa
-
-    from dmipro.jobs.store import eval_cache_table as t
-
-    store = JobStore()
-    record = store.get(job_id)
-    if record.state.finished:
-        pytest.fail(f"the job finished before the crash: {record.state.value} {record.error}")
-    with store.engine.connect() as conn:
-        n = conn.execute(sa.select(sa.func.count()).where(t.c.job_id == job_id)).scalar_one()
-    return record.phase == "search" and n >= at_least
+def assert_same_as_undisturbed(job_id: str) -> None:
+    """The job's result is the undisturbed run's: trials, best score and candidate, LM calls, trial log."""
+    result = JobStore().get(job_id).result or {}
+    expected = reference()
+    assert result["trials"] == expected["trials"] == TRIALS
+    assert result["best_score"] == expected["best_score"]
+    assert result["best_candidate"] == expected["best_candidate"]
+    # Redelivered tasks ran twice on the workers, but each task's result counted once.
+    assert result["lm_calls"] == expected["lm_calls"]
+    assert result["trial_logs"] == expected["trial_logs"]
 
 
 def finish(handle: JobHandle, stack: CrashStack) -> dict[str, Any]:
@@ -72,14 +69,7 @@ def test_a_killed_work_worker_loses_no_trial(crash_stack: CrashStack) -> None:
     report = finish(handle, crash_stack)
     assert report["attempts"] == 1  # the coordinator itself never stopped
 
-    result = JobStore().get(handle.job_id).result or {}
-    expected = reference()
-    assert result["trials"] == expected["trials"] == TRIALS
-    assert result["best_score"] == expected["best_score"]
-    assert result["best_candidate"] == expected["best_candidate"]
-    # Redelivered tasks ran twice on the workers, but each task's result counted once.
-    assert result["lm_calls"] == expected["lm_calls"]
-    assert result["trial_logs"] == expected["trial_logs"]
+    assert_same_as_undisturbed(handle.job_id)
 
 
 def test_a_killed_coordinator_resumes_and_finishes_once(crash_stack: CrashStack) -> None:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from dmipro.jobs import JobStore
 from dmipro.jobs.submit import submit
 from tests.contract.workers import celery_worker, wait_for
-from tests.integration.conftest import CrashStack
-from tests.integration.test_crash import TRIALS, crash_job, finish, reference, scored
+from tests.integration.conftest import CrashStack, scored
+from tests.integration.test_crash import assert_same_as_undisturbed, crash_job, finish
 
 pytestmark = pytest.mark.integration
 
@@ -46,13 +45,7 @@ def test_a_work_worker_stopped_with_sigterm_finishes_its_tasks_and_loses_nothing
     report = finish(handle, crash_stack)
     assert report["attempts"] == 1
 
-    result = JobStore().get(handle.job_id).result or {}
-    expected = reference()
-    assert result["trials"] == expected["trials"] == TRIALS
-    assert result["best_score"] == expected["best_score"]
-    assert result["best_candidate"] == expected["best_candidate"]
-    assert result["lm_calls"] == expected["lm_calls"]
-    assert result["trial_logs"] == expected["trial_logs"]
+    assert_same_as_undisturbed(handle.job_id)
 
 
 def test_a_task_stuck_past_the_grace_is_given_back_and_the_worker_exits(

@@ -19,6 +19,18 @@ from dmipro.events import Event, bus
 from tests.fixtures.jobs import math_job, records
 
 
+def metric_points(reader: Any) -> dict[str, list[Any]]:
+    """Every data point an OpenTelemetry in-memory metric reader holds, by metric name."""
+    out: dict[str, list[Any]] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                out.setdefault(metric.name, []).extend(metric.data.data_points)
+    return out
+
+
 @pytest.fixture
 def quiet_otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """OTLP export off unless a test turns it on; subscribers switched off after each test."""

@@ -19,7 +19,7 @@ from dmipro.events import Event, bus
 from dmipro.lm._sim import AsyncSimEngine, SimEngine, sim_lm
 from dmipro.lm.usage import metered
 from dmipro.subscribers import _otel_sdk
-from tests.subscribers._support import FakeLangfuse, run_tiny, tiny_spec
+from tests.subscribers._support import FakeLangfuse, metric_points, run_tiny, tiny_spec
 
 OTEL = Settings(subscribers=("otel",))
 
@@ -34,17 +34,6 @@ def _lm_spans(exporter: InMemorySpanExporter) -> list[Any]:
     observability.flush()
     spans = exporter.get_finished_spans()
     return [s for s in spans if (s.attributes or {}).get("gen_ai.operation.name") == "chat"]
-
-
-def _metrics(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    data = reader.get_metrics_data()
-    assert data is not None
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                out.setdefault(metric.name, []).extend(metric.data.data_points)
-    return out
 
 
 def test_lm_call_spans_add_up_to_the_usage_the_run_reports() -> None:
@@ -124,7 +113,7 @@ def test_run_metrics(recorded_events: list[Event]) -> None:
     _, summary = run_tiny()
     events = [e for e in recorded_events if e.name == "dspy.optimization.trial_complete"]
     observability.flush()
-    metrics = _metrics(reader)
+    metrics = metric_points(reader)
     tokens = metrics["gen_ai.client.token.usage"]
     assert sum(p.sum for p in tokens) == summary["tokens"]
     assert {p.attributes["gen_ai.token.type"] for p in tokens} == {"input", "output"}
