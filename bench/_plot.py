@@ -13,3 +13,10 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig: Any, path: Any, *, dpi: int = 120) -> None:
+    """Lay ``fig`` out, write it to ``path`` and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)

@@ -481,7 +481,7 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def plot(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path, latency_ms: float) -> None:
-    from bench._plot import pyplot
+    from bench._plot import pyplot, save
 
     plt = pyplot()
 
@@ -575,9 +575,7 @@ def plot(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path, latenc
         f"dmipro vs dspy.MIPROv2, auto=light, math_qa ({TRAIN_SIZE} train / {VAL_SIZE} val / 300 test), "
         f"SimLM {latency_ms:g} ms latency"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 # -- main ---------------------------------------------------------------------------------------

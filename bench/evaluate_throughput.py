@@ -147,7 +147,7 @@ def run(
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    from bench._plot import pyplot
+    from bench._plot import pyplot, save
 
     plt = pyplot()
 
@@ -180,9 +180,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xticks(cs, [str(c) for c in cs])
         ax.grid(True, which="both", alpha=0.3)
     left.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
-    from bench._plot import pyplot
+    from bench._plot import pyplot, save
 
     plt = pyplot()
 
@@ -238,9 +238,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     bottom.set_xticklabels(names, rotation=20)
     top.legend()
     top.set_title("Provider faults: best score and wall time (math_qa, light)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
-    from bench._plot import pyplot
+    from bench._plot import pyplot, save
 
     plt = pyplot()
 
@@ -749,13 +749,11 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     o = data["overhead"]
     right.set_title(f"per-task overhead p50 {o['overhead_p50_ms']} ms; "
                     f"burst {o['burst_tasks_per_s']} tasks/s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def _plot_heavy(data: dict[str, Any], path: Path) -> None:
-    from bench._plot import pyplot
+    from bench._plot import pyplot, save
 
     plt = pyplot()
 
@@ -784,13 +782,11 @@ def _plot_heavy(data: dict[str, Any], path: Path) -> None:
     right.set_ylabel("slot utilisation (%)")
     right.set_title("speedup over 1 worker: " + ", ".join(f"{r['workers']}w {r['speedup']}x" for r in runs),
                     fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def _plot_many(data: dict[str, Any], path: Path) -> None:
-    from bench._plot import pyplot
+    from bench._plot import pyplot, save
 
     plt = pyplot()
 
@@ -815,9 +811,7 @@ def _plot_many(data: dict[str, Any], path: Path) -> None:
     axes[2].set_ylabel("worker RSS (MiB)")
     axes[2].set_title("work-worker memory as jobs finish", fontsize=9)
     axes[2].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
-    from bench._plot import pyplot
+    from bench._plot import pyplot, save
 
     plt = pyplot()
 
@@ -191,9 +191,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
         ax.set_title(f"auto={row['mode']}, {row['latency_ms']:g} ms/call (x{row['scale']:g} of 1 s)",
                      fontsize=9)
         ax.set_ylabel("wall time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
