@@ -320,9 +320,13 @@ def evaluate_unique(
             unique[key] = len(todo)
             todo.append(req)
         index.append(unique[key])
+    copies: dict[int, list[int]] = {}
+    for j, i in enumerate(index):
+        copies.setdefault(i, []).append(j)
+
     def finished(u: int) -> None:
-        for j, i in enumerate(index):
-            if i == u and on_done is not None:
+        if on_done is not None:
+            for j in copies[u]:
                 on_done(j)
 
     results = evaluator.evaluate_many(todo, finished)
