@@ -103,6 +103,17 @@ def _trace_of(request: Any) -> dict[str, str] | None:
     return carrier if isinstance(carrier, dict) else None
 
 
+@contextmanager
+def _errors_as_records() -> Iterator[None]:
+    """Let a task's exception carry its error record as its second argument: Celery stores the
+    arguments as JSON, and the executor rebuilds the same error from them (``remote_error``)."""
+    try:
+        yield
+    except Exception as exc:
+        exc.args = (str(exc), error_record(exc))
+        raise
+
+
 def _register_tasks(app: Celery) -> None:
     import_task_modules()
     for name in task_names():
@@ -113,14 +124,8 @@ def _register_tasks(app: Celery) -> None:
 def _register_work(app: Celery, name: str) -> None:
     def run(self: Task, body: str) -> dict[str, Any]:
         setup_worker_process()
-        with tracing.attach(_trace_of(self.request)):
-            try:
-                return execute(name, body)
-            except Exception as exc:
-                # The error record rides as the exception's second argument: Celery stores the
-                # arguments as JSON, and the executor rebuilds the same error from them.
-                exc.args = (str(exc), error_record(exc))
-                raise
+        with tracing.attach(_trace_of(self.request)), _errors_as_records():
+            return execute(name, body)
 
     run.__name__ = run.__qualname__ = re.sub(r"\W", "_", name)  # Celery builds a signature from it
     run.__doc__ = f"Run dmipro task {name!r} on a JSON payload (see dmipro.tasks)."
@@ -145,12 +150,8 @@ def _register_optimize(app: Celery) -> None:
             except Exception as exc:  # monitoring must never fail the job
                 log.warning("sending the progress event failed: %s", exc)
 
-        with tracing.attach(_trace_of(self.request)), protocol.child_tasks_of(task_id):
-            try:
-                return run_coordinator(body, backend="celery", on_progress=on_progress)
-            except Exception as exc:
-                exc.args = (str(exc), error_record(exc))
-                raise
+        with tracing.attach(_trace_of(self.request)), protocol.child_tasks_of(task_id), _errors_as_records():
+            return run_coordinator(body, backend="celery", on_progress=on_progress)
 
     optimize.__doc__ = "Run or resume one optimization job (the coordinator); reports PROGRESS meta."
     app.task(name=OPTIMIZE_TASK, bind=True, shared=False, acks_late=True,
