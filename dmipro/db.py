@@ -10,6 +10,7 @@ so the two never collide.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -53,6 +54,24 @@ class Base(DeclarativeBase):
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 _upgraded: set[str] = set()
+
+
+def _forget_parent_connections() -> None:
+    """In a forked child: never use a pooled connection of the parent.
+
+    A Celery prefork worker forks a new child after a time limit or a revoke; its main
+    process holds a reconciler thread that reads the job database. Sharing one socket
+    between two processes corrupts both sessions (a connection found mid-transaction at
+    checkout). Each engine starts a fresh pool here, leaving the parent's connections open
+    for the parent (SQLAlchemy's ``dispose(close=False)`` recipe for ``os.fork``).
+    """
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it at the fork
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_parent_connections)
 
 
 def is_sqlite(url: str) -> bool:

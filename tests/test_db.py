@@ -168,3 +168,27 @@ def test_a_first_connection_to_a_wrong_server_fails_at_once(postgres_url: str) -
     with pytest.raises(sa.exc.OperationalError):
         engine.connect()
     assert time.monotonic() - start < 5
+
+
+def _backend_pid(url: str, out: multiprocessing.queues.Queue) -> None:  # type: ignore[type-arg]
+    with get_engine(url).connect() as conn:
+        out.put(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def test_a_forked_child_never_uses_its_parents_connection(postgres_url: str) -> None:
+    # A Celery prefork worker forks children while its main process (the reconciler) holds
+    # pooled connections; a shared socket corrupts both sessions.
+    engine = get_engine(postgres_url)
+    with engine.connect() as conn:
+        parent_pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    assert isinstance(engine.pool, sa.QueuePool) and engine.pool.checkedin() == 1  # the parent's connection waits in the pool
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_backend_pid, args=(postgres_url, out))
+    child.start()
+    child_pid = out.get(timeout=30)
+    child.join(30)
+    assert child.exitcode == 0
+    assert child_pid != parent_pid
+    with engine.connect() as conn:  # and the parent's own session is intact
+        assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() == parent_pid
