@@ -181,7 +181,8 @@ def test_a_forked_child_never_uses_its_parents_connection(postgres_url: str) -> 
     engine = get_engine(postgres_url)
     with engine.connect() as conn:
         parent_pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-    assert isinstance(engine.pool, sa.QueuePool) and engine.pool.checkedin() == 1  # the parent's connection waits in the pool
+    # The parent's connection waits in its pool.
+    assert isinstance(engine.pool, sa.QueuePool) and engine.pool.checkedin() == 1
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     child = ctx.Process(target=_backend_pid, args=(postgres_url, out))
