@@ -137,6 +137,7 @@ class RemoteAdapter(ExecutorAdapter):
     """
 
     remote = True
+    concurrent_submit = True
     poll_min_s: float = 0.002
     """Poll again this soon after results arrived or tasks were sent."""
     broker_failure_s: float = 300.0

@@ -275,7 +275,8 @@ class Coordinator:
         wait on the LM. The scores land in the evaluation cache, so the search's baseline
         trial costs nothing; the decisions are the same as evaluating it in phase 3.
         """
-        if not self.executor.concurrent_submit or self.executor.capacity < 2:
+        # Not on a broker: the baseline's tasks would queue ahead of bootstrap's, on the critical path.
+        if not self.executor.concurrent_submit or self.executor.remote or self.executor.capacity < 2:
             return None
         if self.store.load_checkpoint(self.job_id, "search") is not None:
             return None  # a resumed search: the baseline was evaluated (or is cached) already

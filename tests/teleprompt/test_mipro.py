@@ -191,3 +191,37 @@ def test_metric_that_always_raises_fails_clearly_and_registers_nothing() -> None
     from dmipro.registry import list_names
 
     assert list_names() == []
+
+
+def test_the_next_round_runs_alongside_the_last_and_decisions_do_not_depend_on_timing() -> None:
+    # 8 slots and minibatches of 10: after TPE's 10 random start-up trials, each round asks
+    # one trial. While a round runs, the next one is already asked and evaluated.
+    lm = {"model": "sim/math", "temperature": 0.0,
+          "sim": {"latency_ms": 4, "latency_dist": "lognormal", "latency_sigma": 1.0}}
+    spec = small_spec(num_trials=18, lm=lm)
+    spec["executor"] = {"backend": "thread", "concurrency": 8}
+    events: list[tuple[str, int]] = []
+    sub = bus.subscribe("dspy.optimization.trial_*", lambda e: events.append((e.name, e.trial)))
+    try:
+        first = dmipro.optimize(spec)
+    finally:
+        bus.remove(sub)
+    flying: set[int] = set()
+    most = 0
+    for name, trial in events:
+        if name.endswith("trial_start"):
+            flying.add(trial)
+            if trial > 12:  # past the baseline and the start-up trials
+                most = max(most, len(flying))
+        else:
+            flying.discard(trial)
+    assert most == 2, events
+
+    # Each round is planned from the same state (the previous round running, earlier ones
+    # told), so another run, with other thread timings, makes the same decisions.
+    again = dmipro.optimize(spec)
+    assert {k: (v["params"], v["score"]) for k, v in first.trial_logs.items()} == {
+        k: (v["params"], v["score"]) for k, v in again.trial_logs.items()
+    }
+    assert (first.best_candidate, first.best_score) == (again.best_candidate, again.best_score)
+    assert first.trials == again.trials == 18
