@@ -3,7 +3,8 @@
 The study lives in the job database (Optuna's RDB storage), named after the job, so a
 restarted coordinator continues it. All bookkeeping is on the trials themselves
 (one ``dmipro`` user attribute: kind and batch), so the search state can always be
-rebuilt from storage — there is no state in closures or in the coordinator's memory.
+rebuilt from storage: the in-memory copy TPE samples from (see :class:`Study`) is
+loaded from it, and nothing else lives in closures or in the coordinator's memory.
 
 What optuna-dashboard shows is meant to be read by an operator:
 
@@ -21,15 +22,21 @@ characters of its instruction and a one-line summary of its demo set.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import threading
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
+
 from dmipro.db import patient_connects
+from dmipro.errors import StorageError
 from dmipro.jobs.candidate import Candidate
 
 __all__ = [
@@ -197,17 +204,123 @@ class SearchState:
         return [(k, self.first_params[k]) for k in ranked[:limit]]
 
 
+class _TrialRows:
+    """Trials written to optuna's own tables with SQLAlchemy Core: one transaction each.
+
+    Optuna's RDB storage writes a trial through its ORM one attribute at a time, finding
+    the trial again for each (about fifteen statements for a trial with two params and
+    four attributes). Here a trial is one insert per table, in the layout and encodings
+    optuna reads back (its own table objects, value types and distribution JSON), so
+    ``optuna.load_study`` and optuna-dashboard see the same study.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        from optuna.storages._rdb import models
+
+        self.engine, self.models = engine, models
+
+    def add(self, study_id: int, trial: Any) -> tuple[int, int]:
+        """Insert ``trial`` (a FrozenTrial) whole; its id and number, numbered as optuna does."""
+        from optuna.distributions import distribution_to_json
+
+        m = self.models
+        trials = m.TrialModel.__table__
+        with self.engine.begin() as conn:
+            # The study's row lock serializes numbering across writers, as optuna's own create does.
+            studies = m.StudyModel.__table__
+            lock = sa.select(studies.c.study_id).where(studies.c.study_id == study_id).with_for_update()
+            conn.execute(lock)
+            number = conn.execute(
+                sa.select(sa.func.count()).select_from(trials).where(trials.c.study_id == study_id)
+            ).scalar_one()
+            trial_id = conn.execute(
+                trials.insert().values(
+                    number=number,
+                    study_id=study_id,
+                    state=trial.state,
+                    datetime_start=_utc(trial.datetime_start),
+                    datetime_complete=_utc(trial.datetime_complete),
+                )
+            ).inserted_primary_key[0]
+            params = [
+                {
+                    "trial_id": trial_id,
+                    "param_name": name,
+                    "param_value": trial.distributions[name].to_internal_repr(value),
+                    "distribution_json": distribution_to_json(trial.distributions[name]),
+                }
+                for name, value in trial.params.items()
+            ]
+            if params:
+                conn.execute(m.TrialParamModel.__table__.insert(), params)
+            self._insert_attrs(conn, trial_id, trial.user_attrs)
+            if trial.value is not None:
+                self._insert_value(conn, trial_id, trial.value)
+        return int(trial_id), int(number)
+
+    def finish(self, trial_id: int, value: float) -> bool:
+        """Complete a running trial with ``value``; False if it was not running."""
+        from optuna.trial import TrialState
+
+        trials = self.models.TrialModel.__table__
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                trials.update()
+                .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING)
+                .values(state=TrialState.COMPLETE, datetime_complete=_utc(datetime.now()))
+            )
+            if done.rowcount != 1:
+                return False
+            self._insert_value(conn, trial_id, value)
+        return True
+
+    def set_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Set user attributes of a trial (replacing any of the same keys), in one transaction."""
+        table = self.models.TrialUserAttributeModel.__table__
+        with self.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs))))
+            self._insert_attrs(conn, trial_id, attrs)
+
+    def _insert_attrs(self, conn: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+        if attrs:
+            conn.execute(
+                self.models.TrialUserAttributeModel.__table__.insert(),
+                [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()],
+            )
+
+    def _insert_value(self, conn: Any, trial_id: int, value: float) -> None:
+        model = self.models.TrialValueModel
+        stored, kind = model.value_to_stored_repr(value)
+        conn.execute(
+            model.__table__.insert().values(trial_id=trial_id, objective=0, value=stored, value_type=kind)
+        )
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """Naive UTC, as optuna stores trial times."""
+    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
+
+
 class Study:
     """A seeded TPE study in persistent storage, driven by ask and tell.
 
+    The job database holds the study; TPE samples from an in-memory copy of it, loaded
+    from the database when the study is opened and written through on every change. Each
+    ask, tell or added trial is then one storage transaction (a trial is written whole:
+    its params, kind and batch together), and reading the trials back costs no SQL. Optuna's
+    RDB storage would otherwise re-read the running trials from the database on every
+    sample and write each param in its own transaction; on a search with many trials in
+    flight that CPU, not the LM, set the pace. Only the coordinator holding the job's
+    lease writes the study, so the copy and the database cannot drift; a trial number that
+    differs between them is an error.
+
     ``attrs`` (job, program, settings ...) are written once as user attributes of the
     study and of its full-evaluation companion (:func:`full_study_name`). A trial's readable
-    attributes are written once the real candidates are in place (on :meth:`ask`, or on
-    :meth:`use` for trials asked before), on a writer thread while the trial is evaluated,
-    and :meth:`tell` waits for them: each is a storage transaction, and the search's
-    critical path should not pay for them. The companion is a copy of the main study's
-    baseline and full trials, filled in again on the first :meth:`state` of a resumed
-    search, so a crash between the two writes loses nothing.
+    attributes are written with it once the real candidates are in place; for the trials
+    asked before (:meth:`use`), on a writer thread while they are evaluated, and
+    :meth:`tell` waits for them. The companion is a copy of the main study's baseline and
+    full trials, filled in again on the first :meth:`state` of a resumed search, so a crash
+    between the two writes loses nothing.
     """
 
     def __init__(
@@ -230,15 +343,36 @@ class Study:
         storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
         if not sqlite:
             patient_connects(storage.engine)
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
         self.study = optuna.create_study(
-            study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+            study_name=name, storage=storage, direction="maximize", load_if_exists=True
         )
+        """The study as stored (what optuna-dashboard reads); TPE samples from :attr:`_mem`."""
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+        self._mem = optuna.create_study(sampler=sampler, direction="maximize")
         self.n_startup_trials = 10
         self._synced = False
-        self._pending: dict[int, Future[None]] = {}
+        self._ids: dict[int, int] = {}
+        """Trial number -> the trial's id in the job database."""
+        self._pending: dict[int, Future[None] | None] = {}
+        """Trials whose readable attributes are written (None) or being written (a future)."""
         self._storage, self._attrs = storage, dict(attrs or {})
+        self._rows = _TrialRows(storage.engine)
         self._full: Future[Any] | None = None
+        self._load()
+
+    def _load(self) -> None:
+        """Copy the stored trials into the in-memory study, in order (their numbers match)."""
+        optuna = _optuna()
+        state = optuna.trial.TrialState
+        for t in self._storage.get_all_trials(self.study._study_id, deepcopy=False):
+            if t.state == state.WAITING or (t.state == state.RUNNING and not self._complete(t)):
+                # Killed while it was being asked: never evaluated, and it cannot be. Failed,
+                # it counts for nothing and TPE ignores it; the search asks another.
+                self._storage.set_trial_state_values(t._trial_id, state.FAIL)
+                t = copy.copy(t)
+                t.state = state.FAIL
+            self._mem._storage.create_new_trial(self._mem._study_id, template_trial=t)
+            self._ids[t.number] = t._trial_id
 
     @property
     def full(self) -> Any:
@@ -279,7 +413,8 @@ class Study:
         """Finish the pending attribute writes and close the storage's database connections."""
         for pending in list(self._pending.values()):
             try:
-                pending.result()
+                if pending is not None:
+                    pending.result()
             except Exception:  # readable extras only; the trial itself is told already
                 log.warning("a trial's attributes were not written", exc_info=True)
         self._pending.clear()
@@ -295,39 +430,60 @@ class Study:
         if self._full is None:  # open the companion and write the study's attributes meanwhile
             self._full = _writer().submit(self._open_full)
         optuna = _optuna()
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if self._complete(t):
-                self._describe(t._trial_id, t.number, trial_kind(t) or TrialKind.MINIBATCH, dict(t.params))
+        for t in self._mem.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            self._describe(t.number, trial_kind(t) or TrialKind.MINIBATCH, dict(t.params))
 
     def _complete(self, trial: Any) -> bool:
         """Whether a trial has every parameter (one killed while being asked may have none)."""
         return set(trial.params) == set(self.space.distributions())
 
+    def _store(self, trial: Any) -> int:
+        """Write ``trial`` (a FrozenTrial) to the stored study, whole; its number."""
+        trial_id, stored = self._rows.add(self.study._study_id, trial)
+        number = len(self._ids)
+        if stored != number:
+            raise StorageError(
+                f"study {self.study.study_name} was written by another process: trial {stored} "
+                f"in the database, {number} here"
+            )
+        self._ids[number] = trial_id
+        return number
+
     def ask(self, kind: str, batch: int, params: dict[str, Any] | None = None) -> Any:
         """A new trial (its params fixed when given), tagged with its kind and batch."""
+        optuna = _optuna()
         if params is not None:
-            self.study.enqueue_trial(params)
-        trial = self.study.ask(self.space.distributions())
-        # One attribute, one storage write: each write is a transaction on the critical path.
-        trial.set_user_attr(_ATTR, {"kind": kind, "batch": batch})
-        if not self.space.placeholder:
-            self._describe(trial._trial_id, trial.number, kind, dict(trial.params))
+            self._mem.enqueue_trial(params)
+        trial = self._mem.ask(self.space.distributions())
+        tag = {_ATTR: {"kind": kind, "batch": batch}}
+        trial.set_user_attr(_ATTR, tag[_ATTR])
+        readable = {} if self.space.placeholder else self._readable(kind, trial.params)
+        self._store(
+            optuna.trial.FrozenTrial(
+                number=trial.number,
+                state=optuna.trial.TrialState.RUNNING,
+                value=None,
+                datetime_start=datetime.now(),
+                datetime_complete=None,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={**tag, **readable},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=0,
+            ),
+        )
+        if readable:
+            self._pending[trial.number] = None
         return trial
 
-    def _describe(self, trial_id: int, number: int, kind: str, params: dict[str, Any]) -> None:
+    def _describe(self, number: int, kind: str, params: dict[str, Any]) -> None:
         """Write a trial's readable attributes on the writer thread; :meth:`tell` waits for them."""
-        attrs = self._readable(kind, params)
-        storage = self.study._storage  # optuna's Study has no public per-trial-id write
-
-        def write() -> None:
-            for key, value in attrs.items():
-                storage.set_trial_user_attr(trial_id, key, value)
-
-        self._pending[number] = _writer().submit(write)
+        attrs, trial_id = self._readable(kind, params), self._ids[number]
+        self._pending[number] = _writer().submit(self._rows.set_attrs, trial_id, attrs)
 
     def _readable(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
-        # Separate keys, because optuna-dashboard's trial table makes a column of each; every
-        # key is a storage write before the trial is told, so there are no more than needed.
+        # Separate keys, because optuna-dashboard's trial table makes a column of each.
         out: dict[str, Any] = {"kind": kind}
         if not self.space.placeholder:
             out.update(self.space.describe(params))
@@ -335,51 +491,51 @@ class Study:
 
     def tell(self, number: int, score: float) -> None:
         """Finish trial ``number`` with ``score``; a baseline or full trial is copied to the companion."""
-        storage = self.study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
-        trial = storage.get_trial(trial_id)
-        if trial.state.is_finished():  # told already (a redelivered result)
+        trial = self._mem.get_trials(deepcopy=False)[number] if number < len(self._ids) else None
+        if trial is None or trial.state.is_finished():  # unknown, or told already (a redelivered result)
             return
         kind = trial_kind(trial) or TrialKind.MINIBATCH
-        pending = self._pending.pop(number, None)
-        if pending is None:  # asked where this object did not see it: describe it now
-            for key, value in self._readable(kind, trial.params).items():
-                storage.set_trial_user_attr(trial_id, key, value)
-        else:
+        if number not in self._pending:  # asked in an earlier life of the search: describe it now
+            self._describe(number, kind, dict(trial.params))
+        pending = self._pending.pop(number)
+        if pending is not None:
             try:
                 pending.result()
             except Exception:  # readable extras: the search goes on, the operator is told
                 log.warning("could not write the attributes of trial %d", number, exc_info=True)
-        self.study.tell(number, score, skip_if_finished=True)
+        if not self._rows.finish(self._ids[number], score):
+            raise StorageError(f"trial {number} of {self.study.study_name} was finished by another process")
+        self._mem.tell(number, score, skip_if_finished=True)
         if kind != TrialKind.MINIBATCH:
             self._copy_full(number, trial.params, score, kind, trial_batch(trial))
 
     def add_full(self, params: dict[str, Any], score: float, batch: int) -> None:
         """Record a full-valset evaluation as a completed trial (as DSPy does), and in the companion."""
         optuna = _optuna()
-        number = len(self.study.get_trials(deepcopy=False))
-        self.study.add_trial(
-            optuna.trial.create_trial(
-                params=params,
-                distributions=self.space.distributions(),
-                value=score,
-                user_attrs={
-                    _ATTR: {"kind": TrialKind.FULL, "batch": batch},
-                    **self._readable(TrialKind.FULL, params),
-                },
-            )
+        trial = optuna.trial.create_trial(
+            params=params,
+            distributions=self.space.distributions(),
+            value=score,
+            user_attrs={
+                _ATTR: {"kind": TrialKind.FULL, "batch": batch},
+                **self._readable(TrialKind.FULL, params),
+            },
         )
+        number = self._store(trial)
+        self._pending[number] = None
+        self._mem.add_trial(trial)
         self._copy_full(number, params, score, TrialKind.FULL, batch)
 
     def _copy_full(self, number: int, params: dict[str, Any], score: float, kind: str, batch: int) -> None:
         optuna = _optuna()
-        self.full.add_trial(
+        self._rows.add(
+            self.full._study_id,
             optuna.trial.create_trial(
                 params=params,
                 distributions=self.space.distributions(),
                 value=score,
                 user_attrs={"search_trial": number, "batch": batch, **self._readable(kind, params)},
-            )
+            ),
         )
 
     def sync_full(self) -> int:
@@ -387,7 +543,7 @@ class Study:
         optuna = _optuna()
         have = {t.user_attrs.get("search_trial") for t in self.full.get_trials(deepcopy=False)}
         added = 0
-        for t in self.study.get_trials(deepcopy=False):
+        for t in self._mem.get_trials(deepcopy=False):
             kind = trial_kind(t)
             if (
                 t.state == optuna.trial.TrialState.COMPLETE
@@ -400,22 +556,17 @@ class Study:
         return added
 
     def state(self) -> SearchState:
-        """Rebuild the search bookkeeping from the stored trials."""
+        """Rebuild the search bookkeeping from the trials (the in-memory copy of the stored ones)."""
         optuna = _optuna()
         if not self._synced and not self.space.placeholder:
             self.sync_full()  # a resumed search: a crash may have come between the two writes
             self._synced = True
         done, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
         st = SearchState()
-        for t in self.study.get_trials(deepcopy=False):
+        for t in self._mem.get_trials(deepcopy=False):
             kind = trial_kind(t)
             st.batches = max(st.batches, trial_batch(t) + 1)
             if t.state == running:
-                if not self._complete(t):
-                    # Killed while it was being asked: never evaluated, and it cannot be. Failed,
-                    # it counts for nothing and TPE ignores it; the search asks another.
-                    self.study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-                    continue
                 st.running.append(t)
                 continue
             if t.state != done or t.value is None:
@@ -437,4 +588,4 @@ class Study:
         return st
 
     def trials(self) -> list[Any]:
-        return list(self.study.get_trials(deepcopy=False))
+        return list(self._mem.get_trials(deepcopy=False))

@@ -8,9 +8,13 @@ import optuna
 import pytest
 
 import dmipro
+from dmipro.errors import StorageError
 from dmipro.jobs import JobStore
 from dmipro.teleprompt.search import SearchSpace, Study, full_study_name
 from tests.teleprompt.conftest import small_spec
+
+# Every study is read back as written, on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("database_url")
 
 
 def _storage_url() -> str:
@@ -103,9 +107,43 @@ def test_a_trial_killed_while_being_asked_is_failed_not_rerun() -> None:
     )
     study = Study("dmipro:half-asked", _storage_url(), seed=0, space=space)
     asked = study.ask("minibatch", 0)
-    # What a kill between optuna's "create the trial" and "write its params" leaves behind.
+    # What a kill between optuna's "create the trial" and "write its params" leaves behind
+    # (dmipro writes a trial whole, but the study may have been written by optuna's own ask).
     study.study._storage.create_new_trial(study.study._study_id)
-    st = study.state()
+    resumed = Study("dmipro:half-asked", _storage_url(), seed=0, space=space)
+    st = resumed.state()
     assert [t.number for t in st.running] == [asked.number]
     states = [t.state for t in _load("dmipro:half-asked").trials]
     assert states == [optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL]
+    assert resumed.ask("minibatch", 1).number == 2
+
+
+def test_every_trial_is_stored_as_the_search_sees_it_and_a_second_writer_is_refused() -> None:
+    space = SearchSpace(
+        predictors=("predict",), instructions={"predict": ["Answer.", "Think.", "Plan."]}, demo_sets=None
+    )
+    study = Study("dmipro:write-through", _storage_url(), seed=3, space=space)
+    baseline = study.ask("baseline", 0, space.baseline_params())
+    asked = [study.ask("minibatch", 0) for _ in range(3)]
+    study.tell(baseline.number, 40.0)
+    for i, t in enumerate(asked[:2]):
+        study.tell(t.number, 50.0 + i)
+    study.add_full({"0_predictor_instruction": 2}, 70.0, 1)
+
+    stored = _load("dmipro:write-through").trials
+    seen = study.trials()
+    assert [(t.number, t.state, t.value, t.params) for t in stored] == [
+        (t.number, t.state, t.value, t.params) for t in seen
+    ]
+    assert [t.user_attrs["kind"] for t in stored] == ["baseline", "minibatch", "minibatch", "minibatch", "full"]
+    assert all(t.user_attrs["predict.instruction"].startswith("#") for t in stored)
+    # A resumed study sees the same trials, the one in flight still running.
+    resumed = Study("dmipro:write-through", _storage_url(), seed=3, space=space)
+    st = resumed.state()
+    assert [t.number for t in st.running] == [asked[2].number]
+    assert (st.best_score, st.completed) == (70.0, 4)
+
+    # Only one coordinator writes a study (the job's lease); a second writer is caught, not merged.
+    resumed.ask("minibatch", 2)
+    with pytest.raises(StorageError, match="written by another process"):
+        study.ask("minibatch", 2)
