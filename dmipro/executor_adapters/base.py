@@ -19,7 +19,9 @@ Contract for adapters:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
+from functools import partial
+from queue import SimpleQueue
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -30,6 +32,10 @@ from dmipro.lm.usage import Usage
 from dmipro.tracing import inject
 
 __all__ = ["ExecutorAdapter", "decode_payload", "encode_payload"]
+
+
+def _report(finished: SimpleQueue[int], index: int, _: Future[Any]) -> None:
+    finished.put(index)
 
 
 class ExecutorAdapter:
@@ -66,16 +72,21 @@ class ExecutorAdapter:
         where the executor can cancel them.
         """
         bodies = self._encode(task, payloads)  # a bad payload fails before any task is shipped
-        pending = {self._ship(task, body): i for i, body in enumerate(bodies)}
+        # Each future reports itself on a queue as it completes: one wakeup per task, where
+        # waiting on the whole pending set again after each one costs O(n) per completion.
+        finished: SimpleQueue[int] = SimpleQueue()
+        futures: list[Future[dict[str, Any]]] = []
+        for i, body in enumerate(bodies):
+            fut = self._ship(task, body)
+            futures.append(fut)
+            fut.add_done_callback(partial(_report, finished, i))
         try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    index = pending.pop(fut)
-                    yield index, fut.result()
+            for _ in futures:
+                index = finished.get()
+                yield index, futures[index].result()
         finally:
-            for fut in pending:
-                fut.cancel()
+            for fut in futures:
+                fut.cancel()  # no-op on the finished ones
 
     def gather(
         self, task: str, payloads: list[dict[str, Any]], usage: Usage, faults: FaultCounts | None = None
