@@ -14,7 +14,7 @@ import pytest
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # 0 ground: no dmipro import above it
-    ("dmipro.errors", "dmipro.defaults", "dmipro.config", "dmipro._imports", "dmipro.events",
+    ("dmipro.errors", "dmipro.defaults", "dmipro.config", "dmipro._imports", "dmipro._heap", "dmipro.events",
      "dmipro.tracing", "dmipro.refs", "dmipro.db", "dmipro.seeding", "dmipro._cli_util", "dmipro.migrations"),
     # 1 the LM boundary
     ("dmipro.lm",),

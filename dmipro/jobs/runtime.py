@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dmipro._heap import freeze_loaded
 from dmipro.config import get_settings
 from dmipro.errors import JobSpecError, OptimizationError
 from dmipro.jobs._datasets import fingerprint_records
@@ -150,6 +151,7 @@ class JobRuntime:
         self._share_caches(task_lm is None, prompt_lm is None)
         self._lock = threading.Lock()
         self._programs: OrderedDict[str, Any] = OrderedDict()
+        freeze_loaded()  # the program, DSPy and the LMs are loaded: keep them out of the GC's walks
 
     def _share_caches(self, task: bool, prompt: bool) -> None:
         """Route the LMs whose config says ``cache: shared`` to the fleet's Redis cache."""
