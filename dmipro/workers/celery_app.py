@@ -273,8 +273,10 @@ def _give_back_after(grace: float) -> None:
     log.error("%d task(s) still running %gs after the worker was told to stop; giving them back to the "
               "broker and exiting", len(held), grace)
     for request in held:
+        # On the message itself: Request.reject only schedules the reject on the consumer's
+        # event loop, which has stopped by now, so nothing would reach the broker before the exit.
         try:
-            request.reject(requeue=True)
+            request.message.reject(requeue=True)
         except Exception as exc:  # the broker unreachable: the visibility timeout brings it back instead
             log.warning("giving back task %s failed: %s", request.id, exc)
     logging.shutdown()

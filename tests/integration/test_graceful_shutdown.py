@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from dmipro.jobs.submit import submit
 from tests.contract.workers import celery_worker, wait_for
@@ -73,6 +74,9 @@ def test_a_task_stuck_past_the_grace_is_given_back_and_the_worker_exits(
             pytest.fail(f"the worker still ran 30 s after SIGTERM with a 2 s grace\n{first.log_tail(50)}")
         assert time.monotonic() - t0 < 20
         assert "giving them back to the broker" in first.log_tail(100)
+        # Back in its queue before any other worker runs: not left unacknowledged until the timeout.
+        broker = redis.Redis.from_url(env["DMIPRO_BROKER_URL"])
+        assert (broker.llen(queue), broker.hlen("unacked")) == (1, 0)
         second = celery_worker(env, tmp_path, queues=queue, concurrency=2, tag="stuck-next").start()
         try:
             second.wait_ready()
