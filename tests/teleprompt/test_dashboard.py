@@ -135,7 +135,8 @@ def test_every_trial_is_stored_as_the_search_sees_it_and_a_second_writer_is_refu
     assert [(t.number, t.state, t.value, t.params) for t in stored] == [
         (t.number, t.state, t.value, t.params) for t in seen
     ]
-    assert [t.user_attrs["kind"] for t in stored] == ["baseline", "minibatch", "minibatch", "minibatch", "full"]
+    kinds = [t.user_attrs["kind"] for t in stored]
+    assert kinds == ["baseline", "minibatch", "minibatch", "minibatch", "full"]
     assert all(t.user_attrs["predict.instruction"].startswith("#") for t in stored)
     # A resumed study sees the same trials, the one in flight still running.
     resumed = Study("dmipro:write-through", _storage_url(), seed=3, space=space)
