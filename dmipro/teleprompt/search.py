@@ -226,22 +226,22 @@ class _TrialRows:
         m = self.models
         trials = m.TrialModel.__table__
         with self.engine.begin() as conn:
-            # The study's row lock serializes numbering across writers, as optuna's own create does.
+            # As optuna numbers a trial: under the study's row lock (PostgreSQL), the count of the
+            # study's trials inserted before it (SQLite holds its write lock from the insert on).
             studies = m.StudyModel.__table__
             lock = sa.select(studies.c.study_id).where(studies.c.study_id == study_id).with_for_update()
             conn.execute(lock)
-            number = conn.execute(
-                sa.select(sa.func.count()).select_from(trials).where(trials.c.study_id == study_id)
-            ).scalar_one()
             trial_id = conn.execute(
                 trials.insert().values(
-                    number=number,
                     study_id=study_id,
                     state=trial.state,
                     datetime_start=_utc(trial.datetime_start),
                     datetime_complete=_utc(trial.datetime_complete),
                 )
             ).inserted_primary_key[0]
+            before = (trials.c.study_id == study_id) & (trials.c.trial_id < trial_id)
+            number = conn.execute(sa.select(sa.func.count()).select_from(trials).where(before)).scalar_one()
+            conn.execute(trials.update().where(trials.c.trial_id == trial_id).values(number=number))
             params = [
                 {
                     "trial_id": trial_id,
