@@ -475,7 +475,9 @@ def run_heavy(args: argparse.Namespace, counts: list[int]) -> None:
                 raise SystemExit(f"the job {report['state']}: {report['error']}")
             wall = report["finished_at"] - report["started_at"]
             tasks, busy = fleet.busy(offsets)
-            cpu = sum((_cpu_s(w.proc.pid) or 0.0) - (cpu0.get(w.proc.pid) or 0.0) for w in fleet.workers)
+            used = {w: (_cpu_s(w.proc.pid) or 0.0) - (cpu0.get(w.proc.pid) or 0.0) for w in fleet.workers}
+            cpu = sum(used.values())
+            coordinator_cpu = sum(c for w, c in used.items() if w not in fleet.work)
             # The lognormal's mean, not its median: what a slot waits per call on average.
             latency_s = args.latency_ms * args.latency_scale / 1000 * math.exp(args.latency_sigma ** 2 / 2)
             lm_bound = report["lm_calls"] * latency_s / slots
@@ -484,7 +486,8 @@ def run_heavy(args: argparse.Namespace, counts: list[int]) -> None:
                 "workers": n, "slots": slots, "wall_s": round(wall, 2), "e2e_s": round(e2e, 2),
                 "lm_calls": report["lm_calls"], "tasks": tasks, "busy_s": round(busy, 2),
                 "utilisation": round(busy / (wall * slots), 3), "lm_bound_s": round(lm_bound, 2),
-                "fleet_cpu_s": round(cpu, 2), "cpu_bound_s": round(cpu_bound, 2),
+                "fleet_cpu_s": round(cpu, 2), "coordinator_cpu_s": round(coordinator_cpu, 2),
+                "cpu_bound_s": round(cpu_bound, 2),
                 "latency_bound": lm_bound >= cpu_bound,
                 "best_score": report["best_score"], "trials": report["trials_done"],
                 "load_average": list(os.getloadavg()),
