@@ -297,7 +297,7 @@ class _TrialRows:
 
 
 def _utc(moment: datetime | None) -> datetime | None:
-    """Naive UTC, as optuna stores trial times."""
+    """Naive UTC, as optuna's RDB storage stores trial times (it reads them back as local)."""
     return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
 
 
@@ -455,23 +455,16 @@ class Study:
         if params is not None:
             self._mem.enqueue_trial(params)
         trial = self._mem.ask(self.space.distributions())
-        tag = {_ATTR: {"kind": kind, "batch": batch}}
-        trial.set_user_attr(_ATTR, tag[_ATTR])
+        tag = {"kind": kind, "batch": batch}
+        trial.set_user_attr(_ATTR, tag)
         readable = {} if self.space.placeholder else self._readable(kind, trial.params)
         self._store(
-            optuna.trial.FrozenTrial(
-                number=trial.number,
+            optuna.trial.create_trial(
                 state=optuna.trial.TrialState.RUNNING,
-                value=None,
-                datetime_start=datetime.now(),
-                datetime_complete=None,
                 params=trial.params,
                 distributions=trial.distributions,
-                user_attrs={**tag, **readable},
-                system_attrs={},
-                intermediate_values={},
-                trial_id=0,
-            ),
+                user_attrs={_ATTR: tag, **readable},
+            )
         )
         if readable:
             self._pending[trial.number] = None

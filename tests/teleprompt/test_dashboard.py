@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -145,6 +147,36 @@ def test_every_trial_is_stored_as_the_search_sees_it_and_a_second_writer_is_refu
     assert (st.best_score, st.completed) == (70.0, 4)
 
     # Only one coordinator writes a study (the job's lease); a second writer is caught, not merged.
+    resumed.tell(asked[2].number, 60.0)
+    with pytest.raises(StorageError, match="finished by another process"):
+        study.tell(asked[2].number, 61.0)
     resumed.ask("minibatch", 2)
     with pytest.raises(StorageError, match="written by another process"):
         study.ask("minibatch", 2)
+
+
+@pytest.fixture
+def far_east(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "JST-9")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("far_east")
+def test_trial_times_are_stored_as_optuna_stores_them() -> None:
+    # Stored as optuna's own storage stores them (naive UTC, read back as local time): with
+    # .timestamp(), as the job report reads them, a trial that ran just now ran just now.
+    space = SearchSpace(
+        predictors=("predict",), instructions={"predict": ["Answer.", "Think."]}, demo_sets=None
+    )
+    study = Study("dmipro:times", _storage_url(), seed=0, space=space)
+    baseline = study.ask("baseline", 0, space.baseline_params())
+    study.tell(baseline.number, 40.0)
+    study.add_full({"0_predictor_instruction": 1}, 50.0, 1)
+    now = time.time()
+    for t in _load("dmipro:times").trials:
+        assert t.datetime_start is not None and t.datetime_complete is not None
+        assert abs(t.datetime_start.timestamp() - now) < 60
+        assert abs(t.datetime_complete.timestamp() - now) < 60
