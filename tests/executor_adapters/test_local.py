@@ -55,6 +55,20 @@ def test_map_yields_every_index_once(executor: ExecutorAdapter) -> None:
     assert all(result["echo"] == payloads[i] for i, result in seen)
 
 
+def test_leaving_a_map_early_cancels_the_tasks_not_yet_started() -> None:
+    fixture_tasks.CALLS.clear()
+    key = uuid.uuid4().hex
+    payloads = [{"n": 0, "key": key}] + [{"n": i, "key": key, "hold": True} for i in range(1, 5)]
+    with ThreadAdapter(1) as ex:
+        results = ex.map("tests.held", payloads)
+        assert next(results) == (0, {})
+        results.close()  # task 1 may have taken the slot (held at its gate); 2-4 wait for it
+        fixture_tasks.gate(key).set()
+        # One slot, first come first served: whatever of 1-4 was not cancelled runs before this.
+        ex.submit("tests.held", {"n": 99, "key": key}).result(timeout=10)
+    assert [c["n"] for c in fixture_tasks.CALLS] in ([0, 99], [0, 1, 99])
+
+
 def test_map_of_nothing_yields_nothing(executor: ExecutorAdapter) -> None:
     assert list(executor.map("tests.echo", [])) == []
 
